@@ -1,0 +1,55 @@
+# Two commands do all the set-up on a fresh machine:  `make figures`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is declared as a range in pyproject.toml; here we install the CPU wheel first so that pip does not
+# pull a several-GB CUDA build. Override with e.g. TORCH_SPEC="torch==2.13.0 --index-url ..." for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+NB_ENV := MPLBACKEND=agg TQDM_DISABLE=1 PYTHONHASHSEED=0
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+
+.PHONY: setup test unit nbval figures bench cuda-check gpu-check data clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test,notebook]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	$(BIN)/python -m nclib.data make-default
+
+unit: setup
+	$(BIN)/python -m pytest -q tests
+
+nbval: setup
+	$(NB_ENV) $(BIN)/python -m pytest -q --nbval-lax --nbval-current-env -p no:randomly $(NOTEBOOKS)
+
+test: setup data unit nbval cuda-check
+
+figures: setup data
+	mkdir -p build/notebooks figures
+	for nb in $(NOTEBOOKS); do \
+	  $(NB_ENV) $(BIN)/papermill -k python3 --cwd notebooks --execution-timeout 3600 $$nb build/$$nb || exit 1; \
+	done
+	@echo "figures written to figures/"
+
+bench: setup
+	$(BIN)/python scripts/bench_lattice.py
+
+# Compile-only check of the CUDA sources with nvcc (no GPU needed); skipped where nvcc is absent.
+cuda-check: setup
+	@if command -v nvcc >/dev/null 2>&1; then $(BIN)/python scripts/cuda_check.py; \
+	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# On a machine with a GPU: build the CUDA kernel, run the GPU tests and benchmarks, print a table.
+gpu-check: setup
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build .pytest_cache
