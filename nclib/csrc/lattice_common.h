@@ -57,21 +57,22 @@ NCLIB_HD void embed_point(const float* pos, int d, const double* scale, int32_t*
   // Nearest remainder-0 point, then rank the residuals.
   int sum = 0;
   const double down_scale = 1.0 / (d + 1);
+  double resid[kMaxD + 1];
   for (int i = 0; i <= d; ++i) {
     const double v = elevated[i] * down_scale;
-    const double up = std::ceil(v) * (d + 1);
-    const double down = std::floor(v) * (d + 1);
-    rem0[i] = static_cast<int32_t>((up - elevated[i] < elevated[i] - down) ? up : down);
-    sum += rem0[i] / (d + 1);
+    const double up = std::ceil(v);
+    const double down = std::floor(v);
+    const int32_t k = static_cast<int32_t>((up * (d + 1) - elevated[i] < elevated[i] - down * (d + 1)) ? up : down);
+    rem0[i] = k * (d + 1);
+    resid[i] = elevated[i] - rem0[i];
+    sum += k;
     rank[i] = 0;
   }
   for (int i = 0; i < d; ++i) {
     for (int j = i + 1; j <= d; ++j) {
-      if (elevated[i] - rem0[i] < elevated[j] - rem0[j]) {
-        ++rank[i];
-      } else {
-        ++rank[j];
-      }
+      const int lt = resid[i] < resid[j];  // branch-free: ties rank j higher
+      rank[i] += lt;
+      rank[j] += 1 - lt;
     }
   }
   // Wrap the point back onto the hyperplane when the rounding drifted off it.

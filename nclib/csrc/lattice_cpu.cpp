@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "lattice_common.h"
@@ -68,6 +69,22 @@ class KeyTable {
   std::vector<int32_t> keys_;
 };
 
+// Calls fn(std::integral_constant<int, D1>) for D1 = d1 in 2..kMaxD+1.
+template <typename Fn>
+void dispatch_d1(int d1, Fn&& fn) {
+  switch (d1) {
+#define NCLIB_CASE(k) \
+  case k:             \
+    return fn(std::integral_constant<int, k>{});
+    NCLIB_CASE(2) NCLIB_CASE(3) NCLIB_CASE(4) NCLIB_CASE(5) NCLIB_CASE(6) NCLIB_CASE(7) NCLIB_CASE(8)
+    NCLIB_CASE(9) NCLIB_CASE(10) NCLIB_CASE(11) NCLIB_CASE(12) NCLIB_CASE(13) NCLIB_CASE(14) NCLIB_CASE(15)
+    NCLIB_CASE(16) NCLIB_CASE(17)
+#undef NCLIB_CASE
+    default:
+      TORCH_CHECK(false, "lattice: unsupported feature dimension ", d1 - 1);
+  }
+}
+
 }  // namespace
 
 // features (P, D) float32 contiguous; roi (P) bool or empty; P = batch * pixels_per_image.
@@ -103,7 +120,9 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
   std::vector<int64_t> valid(batch, 0);
   at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
     int32_t keys[(kMaxD + 1) * kMaxD];
+    int32_t prev_keys[(kMaxD + 1) * kMaxD];
     for (int64_t b = lo; b < hi; ++b) {
+      int64_t prev = -1;
       for (int64_t p = b * n; p < (b + 1) * n; ++p) {
         if (keep && !keep[p]) {
           for (int r = 0; r < d1; ++r) {
@@ -114,7 +133,14 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
         }
         ++valid[b];
         embed_point(f + p * d, d, scale, keys, bp + p * d1);
-        for (int r = 0; r < d1; ++r) vp[p * d1 + r] = tables[b].insert(keys + r * d);
+        // Neighbouring pixels often fall in the same simplex: reuse its vertex ids without hashing.
+        if (prev >= 0 && std::memcmp(keys, prev_keys, sizeof(int32_t) * d1 * d) == 0) {
+          std::copy(vp + prev * d1, vp + prev * d1 + d1, vp + p * d1);
+        } else {
+          for (int r = 0; r < d1; ++r) vp[p * d1 + r] = tables[b].insert(keys + r * d);
+          std::copy(keys, keys + d1 * d, prev_keys);
+        }
+        prev = p;
       }
     }
   });
@@ -207,18 +233,22 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 
   // Splat as a gather over vertices: deterministic and free of write conflicts.
-  at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t v = lo; v < hi; ++v) {
-      float* dst = a + v * C;
-      std::fill(dst, dst + C, 0.f);
-      for (int64_t e = pp[v]; e < pp[v + 1]; ++e) {
-        const int64_t flat = ip[e];
-        const float w = bp[flat];
-        const float* src = in + (flat / d1) * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
+  auto splat = [&](auto d1_const) {
+    constexpr int D1 = decltype(d1_const)::value;  // compile-time divisor: flat / D1 becomes a multiply
+    at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t v = lo; v < hi; ++v) {
+        float* dst = a + v * C;
+        std::fill(dst, dst + C, 0.f);
+        for (int64_t e = pp[v]; e < pp[v + 1]; ++e) {
+          const uint32_t flat = static_cast<uint32_t>(ip[e]);
+          const float w = bp[flat];
+          const float* src = in + static_cast<int64_t>(flat / D1) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
+        }
       }
-    }
-  });
+    });
+  };
+  dispatch_d1(d1, splat);
 
   // Blur with [1/2, 1, 1/2] along each axis; absent neighbours hold 0.
   for (int step = 0; step < d1; ++step) {
