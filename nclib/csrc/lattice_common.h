@@ -8,7 +8,9 @@
 //             [.., 1] = key + 1 - (D+1) e_a; -1 when that vertex is not occupied (the missing-neighbour rule:
 //             an absent vertex holds the value 0)
 //   csr_ptr   (V+1) int64, csr_idx (nnz) int32: for each vertex, the flat indices p*(D+1)+r of the (pixel,
-//             corner) pairs that splat onto it, in increasing order (a deterministic gather-based splat)
+//             corner) pairs that splat onto it, in increasing order: the CUDA kernel's deterministic
+//             gather-based splat. The CPU build returns them empty: it scatters serially in pixel order, which
+//             is deterministic too and reads each pixel once.
 //
 // Tie-breaking in the simplex search (both devices): for i < j, coordinate i outranks j only if its residual is
 // strictly smaller; on a tie j is ranked higher. Vertices of image b never mix with those of image b' != b.

@@ -69,22 +69,6 @@ class KeyTable {
   std::vector<int32_t> keys_;
 };
 
-// Calls fn(std::integral_constant<int, D1>) for D1 = d1 in 2..kMaxD+1.
-template <typename Fn>
-void dispatch_d1(int d1, Fn&& fn) {
-  switch (d1) {
-#define NCLIB_CASE(k) \
-  case k:             \
-    return fn(std::integral_constant<int, k>{});
-    NCLIB_CASE(2) NCLIB_CASE(3) NCLIB_CASE(4) NCLIB_CASE(5) NCLIB_CASE(6) NCLIB_CASE(7) NCLIB_CASE(8)
-    NCLIB_CASE(9) NCLIB_CASE(10) NCLIB_CASE(11) NCLIB_CASE(12) NCLIB_CASE(13) NCLIB_CASE(14) NCLIB_CASE(15)
-    NCLIB_CASE(16) NCLIB_CASE(17)
-#undef NCLIB_CASE
-    default:
-      TORCH_CHECK(false, "lattice: unsupported feature dimension ", d1 - 1);
-  }
-}
-
 }  // namespace
 
 // features (P, D) float32 contiguous; roi (P) bool or empty; P = batch * pixels_per_image.
@@ -117,7 +101,6 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
   std::vector<KeyTable> tables;
   tables.reserve(batch);
   for (int64_t b = 0; b < batch; ++b) tables.emplace_back(d, n / 8 + 16);
-  std::vector<int64_t> valid(batch, 0);
   at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
     int32_t keys[(kMaxD + 1) * kMaxD];
     int32_t prev_keys[(kMaxD + 1) * kMaxD];
@@ -131,7 +114,6 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
           }
           continue;
         }
-        ++valid[b];
         embed_point(f + p * d, d, scale, keys, bp + p * d1);
         // Neighbouring pixels often fall in the same simplex: reuse its vertex ids without hashing.
         if (prev >= 0 && std::memcmp(keys, prev_keys, sizeof(int32_t) * d1 * d) == 0) {
@@ -145,40 +127,20 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
     }
   });
 
-  std::vector<int64_t> voff(batch + 1, 0), eoff(batch + 1, 0);
-  for (int64_t b = 0; b < batch; ++b) {
-    voff[b + 1] = voff[b] + tables[b].size();
-    eoff[b + 1] = eoff[b] + valid[b] * d1;
-  }
+  std::vector<int64_t> voff(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) voff[b + 1] = voff[b] + tables[b].size();
   const int64_t V = voff[batch];
-  TORCH_CHECK(V < (int64_t(1) << 31) && eoff[batch] < (int64_t(1) << 31),
-              "lattice build: too many pixels or lattice vertices (", V, ")");
+  TORCH_CHECK(V < (int64_t(1) << 31), "lattice build: too many lattice vertices (", V, ")");
   torch::Tensor per_image = torch::empty({batch}, torch::TensorOptions().dtype(torch::kInt64));
   for (int64_t b = 0; b < batch; ++b) per_image.data_ptr<int64_t>()[b] = tables[b].size();
 
-  // 2. Splat CSR by a counting sort per image (entries of a vertex in increasing flat order), and local ->
-  //    global vertex ids.
-  torch::Tensor ptr = torch::empty({V + 1}, torch::TensorOptions().dtype(torch::kInt64));
-  torch::Tensor idx = torch::empty({eoff[batch]}, i32);
-  int64_t* pp = ptr.data_ptr<int64_t>();
-  int32_t* ip = idx.data_ptr<int32_t>();
-  pp[V] = eoff[batch];
+  // 2. Local -> global vertex ids.
   at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
-      const int64_t vb = tables[b].size();
-      std::vector<int64_t> fill(vb + 1, 0);
-      const int64_t e0 = b * n * d1, e1 = (b + 1) * n * d1;
-      for (int64_t e = e0; e < e1; ++e) {
-        if (vp[e] >= 0) ++fill[vp[e] + 1];
-      }
-      fill[0] = eoff[b];
-      for (int64_t v = 0; v < vb; ++v) fill[v + 1] += fill[v];
-      std::copy(fill.begin(), fill.begin() + vb, pp + voff[b]);
       const int32_t off = static_cast<int32_t>(voff[b]);
-      for (int64_t e = e0; e < e1; ++e) {
-        if (vp[e] < 0) continue;
-        ip[fill[vp[e]]++] = static_cast<int32_t>(e);
-        vp[e] += off;
+      if (off == 0) continue;
+      for (int64_t e = b * n * d1; e < (b + 1) * n * d1; ++e) {
+        if (vp[e] >= 0) vp[e] += off;
       }
     }
   });
@@ -203,7 +165,9 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
     }
   });
 
-  return {vtx, bary, nbr, ptr, idx, per_image};
+  // The CPU filter scatters in pixel order and needs no splat CSR (the CUDA build makes one).
+  torch::Tensor none = torch::empty({0}, torch::TensorOptions().dtype(torch::kInt64));
+  return {vtx, bary, nbr, none, none.to(torch::kInt32), per_image};
 }
 
 // values (P, C) float32 -> alpha * S' B S values (transpose: blur axes in reverse order, the exact adjoint).
@@ -223,32 +187,34 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   const float* bp = bary.data_ptr<float>();
   const int32_t* vp = vtx.data_ptr<int32_t>();
   const int32_t* np = nbr.data_ptr<int32_t>();
-  const int64_t* pp = csr_ptr.data_ptr<int64_t>();
-  const int32_t* ip = csr_idx.data_ptr<int32_t>();
 
-  torch::Tensor buf_a = torch::empty({V, C}, values.options());
+  torch::Tensor buf_a = torch::empty({V, C}, values.options());  // every column is written by the splat
   torch::Tensor buf_b = torch::empty({V, C}, values.options());
   float* a = buf_a.data_ptr<float>();
   float* bb = buf_b.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 
-  // Splat as a gather over vertices: deterministic and free of write conflicts.
-  auto splat = [&](auto d1_const) {
-    constexpr int D1 = decltype(d1_const)::value;  // compile-time divisor: flat / D1 becomes a multiply
-    at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t v = lo; v < hi; ++v) {
-        float* dst = a + v * C;
-        std::fill(dst, dst + C, 0.f);
-        for (int64_t e = pp[v]; e < pp[v + 1]; ++e) {
-          const uint32_t flat = static_cast<uint32_t>(ip[e]);
-          const float w = bp[flat];
-          const float* src = in + static_cast<int64_t>(flat / D1) * C;
-          for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
+  // Splat: scatter in pixel order, so each sum has the same order whatever the thread count (deterministic).
+  // Threads split the channels; each accumulates into a private (V, width) buffer to avoid false sharing.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
+  const int64_t width = (C + threads - 1) / threads;
+  at::parallel_for(0, (C + width - 1) / width, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t c0 = task * width, cw = std::min(width, C - c0);
+      std::vector<float> acc(static_cast<size_t>(V) * cw, 0.f);
+      for (int64_t p = 0; p < P; ++p) {
+        const float* src = in + p * C + c0;
+        for (int r = 0; r < d1; ++r) {
+          const int32_t v = vp[p * d1 + r];
+          if (v < 0) break;  // outside the roi: all corners are -1
+          const float w = bp[p * d1 + r];
+          float* dst = acc.data() + static_cast<int64_t>(v) * cw;
+          for (int64_t c = 0; c < cw; ++c) dst[c] += w * src[c];
         }
       }
-    });
-  };
-  dispatch_d1(d1, splat);
+      for (int64_t v = 0; v < V; ++v) std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, a + v * C + c0);
+    }
+  });
 
   // Blur with [1/2, 1, 1/2] along each axis; absent neighbours hold 0.
   for (int step = 0; step < d1; ++step) {
