@@ -107,6 +107,18 @@ def extension_name(kind: str) -> str:
     return f"nclib_lattice_{kind}_{_sources_digest(_sources(kind) + sorted(_CSRC.glob('*.h')))}"
 
 
+def cxx_flags(kind: str) -> list[str]:
+    """Host-compiler flags of the ``kind`` kernel.
+
+    No multiply-add fusion: the embedding in lattice_common.h must round the same on every CPU (-march=native
+    fuses by default) and on the GPU (nvcc -fmad=false), or CPU and CUDA lattices differ at ties.
+    """
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
+    if kind == "cpu" and os.environ.get("NCLIB_NATIVE", "1") == "1":
+        flags.append("-march=native")  # JIT-built on the machine that runs it; NCLIB_NATIVE=0 opts out
+    return flags
+
+
 def load(kind: str = "cpu") -> ModuleType:
     """Build (first call) and import the ``cpu`` or ``cuda`` lattice extension."""
     if kind in _loaded:
@@ -126,14 +138,12 @@ def load(kind: str = "cpu") -> ModuleType:
             stale = build_dir / "lock"
             if stale.exists():  # we hold the only lock: torch's file is left over from a killed build
                 stale.unlink()
-            flags = ["-O3", "-std=c++17", "-fno-math-errno"]
-            if not cuda and os.environ.get("NCLIB_NATIVE", "1") == "1":
-                flags.append("-march=native")  # JIT-built on the machine that runs it; NCLIB_NATIVE=0 opts out
+            flags = cxx_flags(kind)
             module = _load(
                 name=name,
                 sources=[str(s) for s in sources],
                 extra_cflags=flags,
-                extra_cuda_cflags=["-O3", "--use_fast_math"] if cuda else None,
+                extra_cuda_cflags=["-O3", "--use_fast_math", "-fmad=false"] if cuda else None,
                 extra_include_paths=[str(_CSRC)],
                 build_directory=str(build_dir),
                 verbose=os.environ.get("NCLIB_VERBOSE_BUILD") == "1",

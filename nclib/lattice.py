@@ -32,6 +32,8 @@ __all__ = [
 
 #: Largest feature dimension the compiled kernels accept.
 MAX_FEATURES = 16
+#: Largest |feature| (in sigmas): the int32 lattice keys reach about 40 |f| at D = 16.
+MAX_FEATURE_VALUE = 1e6
 
 
 def _coords(batch: int, height: int, width: int, device, dtype) -> torch.Tensor:
@@ -109,6 +111,12 @@ class Permutohedral:
         if not features.is_floating_point():
             raise ValueError(f"features must be a floating tensor, got dtype {features.dtype}")
         check_finite("features", features)
+        fmax = float(features.detach().abs().max())
+        if fmax > MAX_FEATURE_VALUE:
+            raise ValueError(
+                f"features reach |f| = {fmax:.3g} > {MAX_FEATURE_VALUE:.0e} (coordinates / sigma): the lattice "
+                "keys would overflow int32; use larger sigmas or smaller images"
+            )
         roi_flat = None
         if roi is not None:
             check_rank("roi", roi, 3, "(B, H, W)")

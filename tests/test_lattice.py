@@ -210,6 +210,7 @@ def test_xy_features_and_occupancy(astro):
         (lambda f, v: gaussian_filter(v[..., :0], f[..., :0]), "empty"),
         (lambda f, v: gaussian_filter(v, f.repeat(1, 4, 1, 1)), "1..16 channels"),
         (lambda f, v: gaussian_filter((v * 10).long(), f), "floating"),
+        (lambda f, v: gaussian_filter(v, f * 1e6), "overflow int32"),
         (lambda f, v: Permutohedral(f).filter(v[:, :, :8]), "like the features"),
         (lambda f, v: Permutohedral(f, roi=torch.ones(1, 8, 8, dtype=torch.bool)), "roi must have shape"),
         (lambda f, v: rgbxy_features(v[:, :2] * 255, 15.0, 10.0), "3 \\(RGB\\) channels"),
