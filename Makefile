@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[test,notebook]"
+	$(BIN)/python -m pip install -q -e ".[test,notebook,proposals]"
+	$(BIN)/python -m pip install -q ".[crf-reference]" || echo "pydensecrf2 did not build: the dense CRF comparison test will skip"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -41,6 +42,7 @@ figures: setup data
 
 bench: setup
 	$(BIN)/python scripts/bench_lattice.py
+	$(BIN)/python scripts/bench_losses.py
 
 # Compile-only check of the CUDA sources with nvcc (no GPU needed); skipped where nvcc is absent.
 cuda-check: setup

@@ -1,0 +1,132 @@
+"""Fully connected CRF post-processing (Kraehenbuehl & Koltun, NIPS 2011): mean-field inference on our lattice.
+
+Energy: unary ``-log P`` plus two Potts terms with Gaussian kernels, an appearance kernel over RGBXY
+(``bi_w``, ``bi_xy_std``, ``bi_rgb_std``) and a smoothness kernel over XY (``pos_w``, ``pos_xy_std``). Each
+mean-field iteration filters Q with both kernels: two permutohedral lattices are built once per call and reused.
+
+Defaults are DeepLab's published post-processing parameters for DeepLab-LargeFOV (VGG-16), which the paper's
+Tables 1-3 "+CRF" rows use: ``bi_w=4, bi_xy_std=121, bi_rgb_std=5, pos_w=3, pos_xy_std=3``, 10 iterations
+(DeepLab v1, Chen et al. ICLR 2015, and the DeepLab release notes; DeepLab-v2 ResNet-101 uses
+``bi_w=4, bi_xy_std=67, bi_rgb_std=3, pos_w=3, pos_xy_std=1``).
+
+Kernel normalization: pydensecrf (and Kraehenbuehl's densecrf 2.x it wraps) does *not* use raw unnormalized
+kernels by default: ``addPairwiseGaussian/Bilateral`` apply ``NORMALIZE_SYMMETRIC``, i.e. ``D^-1/2 K D^-1/2 Q``
+with ``D = K 1`` computed by the same lattice (DeepLab's densecrf 1.x normalizes per pixel, ``D^-1 K Q``). Both
+forms are invariant to the global scale of the lattice, so our lattice's uncalibrated ~0.55 scale cancels and the
+published weights apply unchanged. ``normalization="none"`` uses the raw lattice output like pydensecrf's
+``NO_NORMALIZATION``; no weight calibration is needed there either, because pydensecrf's lattice carries the same
+uncalibrated scale as ours (measured: identical labels on 100% of pixels in all three modes on four 160x160
+photos, 10 iterations, 5 labels; see tests/test_crf.py). Only a comparison with an *exact* Gaussian kernel
+would need the weights divided by ~0.55.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_positive
+from .lattice import Permutohedral, rgbxy_features, xy_features
+from .losses import _check_images, _check_probs, _check_roi, _no_autocast
+
+__all__ = ["dense_crf", "DEEPLAB_LARGEFOV", "DEEPLAB_V2_RESNET101"]
+
+#: DeepLab-LargeFOV (VGG-16) CRF parameters, the defaults of :func:`dense_crf`.
+DEEPLAB_LARGEFOV = dict(bi_w=4.0, bi_xy_std=121.0, bi_rgb_std=5.0, pos_w=3.0, pos_xy_std=3.0)
+#: DeepLab-v2 ResNet-101 CRF parameters.
+DEEPLAB_V2_RESNET101 = dict(bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=1.0)
+
+_NORMALIZATIONS = ("symmetric", "after", "none")
+
+
+def _pixel_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> contiguous float32 (B*H*W, C), the lattice's native layout."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).float().contiguous()
+
+
+class _Kernel:
+    """One Gaussian kernel ``K`` on a lattice with the chosen normalization, applied as ``Q -> N(K) Q``.
+
+    Works on pixel-major (B*H*W, K) tensors and calls the lattice's raw operator: the mean-field loop keeps Q in
+    that layout (no permutes, no per-call validation of values we produced ourselves).
+    """
+
+    def __init__(self, lattice: Permutohedral, normalization: str):
+        self.lattice = lattice
+        d = _pixel_major(lattice.norm())  # (P, 1), 0 outside the roi
+        if normalization == "symmetric":
+            self.pre = self.post = torch.where(d > 0, d.clamp_min(1e-20).rsqrt(), torch.zeros_like(d))
+        elif normalization == "after":
+            self.pre, self.post = None, torch.where(d > 0, 1.0 / d.clamp_min(1e-20), torch.zeros_like(d))
+        else:
+            self.pre = self.post = None
+
+    def accumulate(self, message: torch.Tensor, q: torch.Tensor, weight: float) -> None:
+        """``message += weight * N(K) q`` in place."""
+        v = q * self.pre if self.pre is not None else q
+        out = self.lattice._apply(v, False)
+        if self.post is not None:
+            message.addcmul_(out, self.post, value=weight)
+        else:
+            message.add_(out, alpha=weight)
+
+
+def dense_crf(
+    probs: torch.Tensor,
+    images: torch.Tensor,
+    iterations: int = 10,
+    bi_w: float = DEEPLAB_LARGEFOV["bi_w"],
+    bi_xy_std: float = DEEPLAB_LARGEFOV["bi_xy_std"],
+    bi_rgb_std: float = DEEPLAB_LARGEFOV["bi_rgb_std"],
+    pos_w: float = DEEPLAB_LARGEFOV["pos_w"],
+    pos_xy_std: float = DEEPLAB_LARGEFOV["pos_xy_std"],
+    normalization: str = "symmetric",
+    roi: Optional[torch.Tensor] = None,
+    clip: float = 1e-5,
+) -> torch.Tensor:
+    """Mean-field inference of the dense CRF with Potts compatibility, batched, any number of labels.
+
+    Args:
+        probs: (B, K, H, W) class probabilities (e.g. the upsampled softmax of a network); the unary is
+            ``-log(max(probs, clip))`` as in pydensecrf's ``unary_from_softmax``.
+        images: (B, 3, H, W) RGB in 0..255.
+        iterations: mean-field iterations (0 returns the normalized clipped ``probs``).
+        bi_w, bi_xy_std, bi_rgb_std: appearance kernel weight and bandwidths (pixels, 0..255 units).
+        pos_w, pos_xy_std: smoothness kernel weight and bandwidth (pixels).
+        normalization: "symmetric" (pydensecrf's default), "after" (DeepLab's densecrf 1.x) or "none".
+        roi: optional (B, H, W) bool; pixels outside take no part in the pairwise terms.
+    Returns:
+        (B, K, H, W) float32 marginals Q; ``Q.argmax(1)`` is the labelling.
+    """
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    for name, value in (("bi_xy_std", bi_xy_std), ("bi_rgb_std", bi_rgb_std), ("pos_xy_std", pos_xy_std)):
+        check_positive(name, value)
+    for name, value in (("bi_w", bi_w), ("pos_w", pos_w)):
+        if not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    check_positive("clip", clip)
+    with _no_autocast(probs.device):
+        p = _check_probs(probs)
+        img = _check_images(images, probs)
+        roi_b = _check_roi(roi, probs)
+        b, k, h, w = p.shape
+        neg_unary = torch.log(_pixel_major(p).clamp_min(clip))  # (P, K)
+        q = torch.softmax(neg_unary, dim=1)
+        if iterations == 0:
+            return q.reshape(b, h, w, k).permute(0, 3, 1, 2).contiguous()
+        kernels = []
+        if bi_w > 0:
+            appearance = Permutohedral(rgbxy_features(img, bi_rgb_std, bi_xy_std), roi_b)
+            kernels.append((bi_w, _Kernel(appearance, normalization)))
+        if pos_w > 0:
+            kernels.append((pos_w, _Kernel(Permutohedral(xy_features(img, pos_xy_std), roi_b), normalization)))
+        with torch.no_grad():
+            for _ in range(iterations):
+                message = neg_unary.clone()
+                for weight, kernel in kernels:
+                    kernel.accumulate(message, q, weight)  # Potts: -w * (-K Q), an agreement bonus
+                q = torch.softmax(message, dim=1)
+        return q.reshape(b, h, w, k).permute(0, 3, 1, 2).contiguous()

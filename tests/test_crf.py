@@ -1,0 +1,144 @@
+"""Dense CRF mean field against pydensecrf (when installed) and against an exact-kernel mean field."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import PHOTOS, photo
+from nclib.crf import dense_crf
+from nclib.lattice import exact_gaussian_filter, rgbxy_features, xy_features
+
+
+def resized_photo(name: str, size: int) -> torch.Tensor:
+    img = torch.from_numpy(photo(name)).permute(2, 0, 1)[None].float()
+    return F.interpolate(img, size=(size, size), mode="area").round().clamp(0, 255)
+
+
+def network_like_probs(img: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Coarse, noisy class scores upsampled 8x like a DeepLab output: colour clusters plus smooth noise."""
+    g = torch.Generator().manual_seed(seed)
+    b, _, h, w = img.shape
+    flat = img.flatten(2)
+    idx = flat.sum(1).argsort(1)[:, ((torch.arange(k) + 0.5) / k * h * w).long()]
+    centres = torch.gather(flat, 2, idx[:, None, :].expand(b, 3, k))
+    d2 = (flat[:, :, None, :] - centres[..., None]).square().sum(1).reshape(b, k, h, w)
+    logits = -d2 / 2000 + 7.5 * F.avg_pool2d(torch.randn(b, k, h, w, generator=g), 5, 1, 2)
+    return F.interpolate(F.avg_pool2d(logits, 8), size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+
+
+def pydensecrf_labels(p: torch.Tensor, img: torch.Tensor, normalization, iterations: int = 10) -> np.ndarray:
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    k, h, w = p.shape[1:]
+    d = dcrf.DenseCRF2D(w, h, k)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(p[0].numpy())))
+    rgb = np.ascontiguousarray(img[0].permute(1, 2, 0).numpy().astype(np.uint8))
+    d.addPairwiseGaussian(sxy=3, compat=3, normalization=normalization)
+    d.addPairwiseBilateral(sxy=121, srgb=5, rgbim=rgb, compat=4, normalization=normalization)
+    return np.array(d.inference(iterations)).reshape(k, h, w).argmax(0)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_matches_pydensecrf_labels(name):
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    img = resized_photo(name, 160)
+    p = network_like_probs(img, 6)
+    for ours_mode, theirs in (("symmetric", dcrf.NORMALIZE_SYMMETRIC), ("none", dcrf.NO_NORMALIZATION)):
+        ref = pydensecrf_labels(p, img, theirs)
+        ours = dense_crf(p, img, normalization=ours_mode)[0].argmax(0).numpy()
+        assert (p[0].argmax(0).numpy() != ref).mean() > 0.1  # the CRF really changes the labelling
+        assert (ours == ref).mean() >= 0.95
+
+
+def test_matches_pydensecrf_21_labels_321():
+    pytest.importorskip("pydensecrf.densecrf")
+    import pydensecrf.densecrf as dcrf
+
+    img = resized_photo("astronaut", 321)
+    p = network_like_probs(img, 21, seed=1)
+    ref = pydensecrf_labels(p, img, dcrf.NORMALIZE_SYMMETRIC)
+    assert (dense_crf(p, img)[0].argmax(0).numpy() == ref).mean() >= 0.95
+
+
+def exact_mean_field(p, img, iterations, bi_w, bi_xy, bi_rgb, pos_w, pos_xy):
+    """Textbook mean field with exact Gaussian kernels, per-pixel normalized (DeepLab's densecrf 1.x)."""
+    u = torch.log(p.double().clamp_min(1e-5))
+    fa = rgbxy_features(img.double(), bi_rgb, bi_xy)
+    fs = xy_features(img.double(), pos_xy)
+    q = u.softmax(1)
+    for _ in range(iterations):
+        m = u + bi_w * exact_gaussian_filter(q, fa, normalize=True)
+        m = m + pos_w * exact_gaussian_filter(q, fs, normalize=True)
+        q = m.softmax(1)
+    return q
+
+
+def test_matches_exact_kernel_mean_field():
+    img = resized_photo("chelsea", 48)
+    p = network_like_probs(img, 4, seed=3)
+    params = dict(bi_w=4.0, bi_xy=20.0, bi_rgb=10.0, pos_w=3.0, pos_xy=3.0)
+    ref = exact_mean_field(p, img, 5, **params)[0].argmax(0)
+    ours = dense_crf(
+        p, img, 5, bi_w=4.0, bi_xy_std=20.0, bi_rgb_std=10.0, pos_w=3.0, pos_xy_std=3.0, normalization="after"
+    )[0].argmax(0)
+    assert float((p[0].argmax(0) != ref).float().mean()) > 0.05
+    assert float((ours == ref).float().mean()) >= 0.95
+
+
+def test_batched_any_k_and_zero_iterations():
+    img = torch.cat([resized_photo("coffee", 40), resized_photo("rocket", 40)])
+    for k in (1, 2, 25):
+        p = network_like_probs(img, k)
+        q = dense_crf(p, img, iterations=3)
+        assert q.shape == p.shape and torch.isfinite(q).all()
+        assert torch.allclose(q.sum(1), torch.ones(2, 40, 40), atol=1e-5)
+        for i in range(2):
+            qi = dense_crf(p[i : i + 1], img[i : i + 1], iterations=3)
+            assert torch.allclose(q[i : i + 1], qi, atol=1e-5)
+    p = network_like_probs(img, 3)
+    q0 = dense_crf(p, img, iterations=0)
+    assert torch.allclose(q0, p.clamp_min(1e-5) / p.clamp_min(1e-5).sum(1, keepdim=True), atol=1e-6)
+
+
+def test_roi_pixels_do_not_influence_inside():
+    img = resized_photo("astronaut", 40)
+    p = network_like_probs(img, 3)
+    pad_img = F.pad(img, (0, 6, 0, 6), value=255.0)
+    pad_p = F.pad(p, (0, 6, 0, 6), value=1.0 / 3)
+    roi = torch.zeros(1, 46, 46, dtype=torch.bool)
+    roi[:, :40, :40] = True
+    a = dense_crf(p, img, 5)
+    b = dense_crf(pad_p, pad_img, 5, roi=roi)[..., :40, :40]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(iterations=-1), "iterations"),
+        (dict(bi_xy_std=0.0), "bi_xy_std"),
+        (dict(bi_rgb_std=-2.0), "bi_rgb_std"),
+        (dict(pos_xy_std=0.0), "pos_xy_std"),
+        (dict(bi_w=-1.0), "bi_w"),
+        (dict(normalization="l2"), "normalization"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    img = resized_photo("coffee", 16)
+    p = network_like_probs(img, 3)
+    with pytest.raises(ValueError, match=name):
+        dense_crf(p, img, **kwargs)
+
+
+def test_bad_tensors():
+    img = resized_photo("coffee", 16)
+    p = network_like_probs(img, 3)
+    with pytest.raises(ValueError, match="probs"):
+        dense_crf(p * 3, img)
+    with pytest.raises(ValueError, match="images"):
+        dense_crf(p, img[..., :8])
+    with pytest.raises(ValueError, match="NaN"):
+        dense_crf(p, img * float("nan"))
