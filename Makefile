@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[test,notebook,proposals]"
-	$(BIN)/python -m pip install -q ".[crf-reference]" || echo "pydensecrf2 did not build: the dense CRF comparison test will skip"
+	$(BIN)/python -m pip install -q -e ".[crf-reference]" || echo "pydensecrf2 did not build: the dense CRF comparison test will skip"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
