@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_positive
-from .lattice import Permutohedral, rgbxy_features, xy_features
+from .lattice import Permutohedral, rgbxy_features, to_pixel_major, xy_features
 from .losses import _check_images, _check_probs, _check_roi, _no_autocast
 
 __all__ = ["dense_crf", "DEEPLAB_LARGEFOV", "DEEPLAB_V2_RESNET101"]
@@ -39,11 +39,6 @@ DEEPLAB_V2_RESNET101 = dict(bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0, pos_w=3.0,
 _NORMALIZATIONS = ("symmetric", "after", "none")
 
 
-def _pixel_major(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> contiguous float32 (B*H*W, C), the lattice's native layout."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).float().contiguous()
-
-
 class _Kernel:
     """One Gaussian kernel ``K`` on a lattice with the chosen normalization, applied as ``Q -> N(K) Q``.
 
@@ -53,7 +48,7 @@ class _Kernel:
 
     def __init__(self, lattice: Permutohedral, normalization: str):
         self.lattice = lattice
-        d = _pixel_major(lattice.norm())  # (P, 1), 0 outside the roi
+        d = to_pixel_major(lattice.norm())  # (P, 1), 0 outside the roi
         if normalization == "symmetric":
             self.pre = self.post = torch.where(d > 0, d.clamp_min(1e-20).rsqrt(), torch.zeros_like(d))
         elif normalization == "after":
@@ -64,7 +59,7 @@ class _Kernel:
     def accumulate(self, message: torch.Tensor, q: torch.Tensor, weight: float) -> None:
         """``message += weight * N(K) q`` in place."""
         v = q * self.pre if self.pre is not None else q
-        out = self.lattice._apply(v, False)
+        out = self.lattice.apply_pixel_major(v)
         if self.post is not None:
             message.addcmul_(out, self.post, value=weight)
         else:
@@ -113,7 +108,7 @@ def dense_crf(
         img = _check_images(images, probs)
         roi_b = _check_roi(roi, probs)
         b, k, h, w = p.shape
-        neg_unary = torch.log(_pixel_major(p).clamp_min(clip))  # (P, K)
+        neg_unary = torch.log(to_pixel_major(p).clamp_min(clip))  # (P, K)
         q = torch.softmax(neg_unary, dim=1)
         if iterations == 0:
             return q.reshape(b, h, w, k).permute(0, 3, 1, 2).contiguous()

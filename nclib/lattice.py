@@ -27,6 +27,7 @@ __all__ = [
     "Permutohedral",
     "gaussian_filter",
     "exact_gaussian_filter",
+    "to_pixel_major",
     "MAX_FEATURES",
 ]
 
@@ -72,8 +73,8 @@ def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> t
     return torch.cat([xy_features(img, sigma_xy), img / sigma_rgb], dim=1)
 
 
-def _to_pixel_major(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> contiguous float32 (B*H*W, C)."""
+def to_pixel_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> contiguous float32 (B*H*W, C), the kernels' native layout (free for channels_last float32)."""
     b, c, h, w = t.shape
     return t.permute(0, 2, 3, 1).reshape(b * h * w, c).to(torch.float32).contiguous()
 
@@ -128,7 +129,7 @@ class Permutohedral:
         self.device = features.device
         self.roi = roi_flat
         self._ext = _ext.load("cuda" if features.is_cuda else "cpu")
-        f = _to_pixel_major(features.detach())
+        f = to_pixel_major(features.detach())
         empty = torch.empty(0, dtype=torch.bool, device=f.device)
         state = self._ext.build(f, roi_flat if roi_flat is not None else empty, b)
         # vertex index (P, D+1), barycentric weight (P, D+1), neighbours (V, D+1, 2),
@@ -140,6 +141,18 @@ class Permutohedral:
     def num_vertices(self) -> int:
         """Occupied lattice vertices over the whole batch."""
         return int(self._nbr.shape[0])
+
+    def apply_pixel_major(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """The raw operator on pixel-major values (B*H*W, C) float32 -> (B*H*W, C), no autograd, no checks.
+
+        For inner loops (mean-field iterations) that keep their state in the kernels' layout; see
+        :func:`to_pixel_major`.
+        """
+        if values.dim() != 2 or values.shape[0] != self._vtx.shape[0] or values.dtype != torch.float32:
+            raise ValueError(
+                f"values must be float32 (B*H*W, C) = ({self._vtx.shape[0]}, C), got {values.dtype} {tuple(values.shape)}"
+            )
+        return self._apply(values.contiguous(), transpose)
 
     def _apply(self, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:
         return self._ext.filter(
@@ -176,7 +189,7 @@ class Permutohedral:
         """
         self._check_values(values)
         b, c, h, w = values.shape
-        pm = _to_pixel_major(values)  # pixels outside the roi have no vertices: they neither splat nor slice
+        pm = to_pixel_major(values)  # pixels outside the roi have no vertices: they neither splat nor slice
         out = _LatticeFilter.apply(pm, self, transpose).reshape(b, h, w, c).permute(0, 3, 1, 2)
         if normalize:
             n = self.norm()
