@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchutil import ROOT, median_ms
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
@@ -34,7 +35,7 @@ def photo_batch(size: int, batch: int) -> torch.Tensor:
 def gpu_median_ms(fn, runs: int, warmup: int = 3) -> float:
     """Median of CUDA-event times of fn() on the current stream (wall clock in --dry-run)."""
     if not torch.cuda.is_available():  # --dry-run on a machine without a GPU
-        return cpu_median_ms(fn, runs)
+        return median_ms(fn, runs)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -46,16 +47,6 @@ def gpu_median_ms(fn, runs: int, warmup: int = 3) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def cpu_median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -117,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     add(f"GPU {C}-channel filter, ms/image", f"{filter_ms / B:.3f}", "", "")
     add(f"GPU build + {C}-channel filter, ms/image", f"{total_ms / B:.3f}", "<= 1", verdict(total_ms / B, 1.0))
 
-    cpu_ms = cpu_median_ms(lambda: Permutohedral(feats).filter(probs), args.cpu_runs)
+    cpu_ms = median_ms(lambda: Permutohedral(feats).filter(probs), args.cpu_runs)
     add(f"CPU kernel build + filter, ms/image ({args.cpu_threads} threads)", f"{cpu_ms / B:.1f}", "", "")
     add(f"speedup GPU vs CPU kernel ({args.cpu_threads} threads)", f"{cpu_ms / total_ms:.0f}x", ">= 30x",
         verdict(cpu_ms / total_ms, 30.0, higher_is_better=True))
     all_threads = os.cpu_count() or args.cpu_threads
     if all_threads != args.cpu_threads:
         torch.set_num_threads(all_threads)
-        cpu_all = cpu_median_ms(lambda: Permutohedral(feats).filter(probs), args.cpu_runs)
+        cpu_all = median_ms(lambda: Permutohedral(feats).filter(probs), args.cpu_runs)
         torch.set_num_threads(args.cpu_threads)
         add(f"speedup GPU vs CPU kernel ({all_threads} threads)", f"{cpu_all / total_ms:.0f}x", "", "")
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -17,22 +15,7 @@ import nclib
 from nclib import Permutohedral, exact_gaussian_filter, rgbxy_features
 from nclib.photos import photo_tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def photos(size: int, names=("astronaut", "coffee")) -> torch.Tensor:
-    """(len(names), 3, size, size) photos, short side resized to `size`, centre-cropped."""
-    return torch.cat([photo_tensor(n, size) for n in names])
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from benchutil import ROOT, median_ms, photos
 
 
 def rel_rms(a, e):

@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +24,13 @@ from nclib.crf import dense_crf  # noqa: E402
 from nclib.lattice import Permutohedral, rgbxy_features, xy_features  # noqa: E402
 from nclib.losses import normalized_cut_loss  # noqa: E402
 
+from benchutil import median_ms, photos  # noqa: E402
+
 SIZE, K = 321, 21
 
 
 def photo321(name: str) -> torch.Tensor:
-    from skimage import data
-
-    img = torch.from_numpy(getattr(data, name)()[..., :3].copy()).permute(2, 0, 1)[None].float()
-    h, w = img.shape[-2:]
-    s = SIZE / min(h, w)
-    img = F.interpolate(img, size=(max(SIZE, round(h * s)), max(SIZE, round(w * s))), mode="area")
-    h, w = img.shape[-2:]
-    t, l = (h - SIZE) // 2, (w - SIZE) // 2
-    return img[..., t : t + SIZE, l : l + SIZE].round().clamp(0, 255).contiguous()
+    return photos(SIZE, (name,))
 
 
 def network_like_logits(img: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -46,16 +38,6 @@ def network_like_logits(img: torch.Tensor, seed: int = 0) -> torch.Tensor:
     b, _, h, w = img.shape
     coarse = torch.randn(b, K, (h + 7) // 8, (w + 7) // 8, generator=g) * 3
     return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> int:

@@ -1,0 +1,28 @@
+"""Helpers shared by the benchmark scripts: CPU wall-clock medians and the photo batches they time."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nclib.photos import photo_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median_ms(fn, runs: int) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``runs`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def photos(size: int, names=("astronaut", "coffee")) -> torch.Tensor:
+    """(len(names), 3, size, size) bundled photos, short side resized to ``size``, centre-cropped, RGB 0..255."""
+    return torch.cat([photo_tensor(n, size) for n in names])
