@@ -156,7 +156,7 @@ class Permutohedral:
 
     def _apply(self, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:
         return self._ext.filter(
-            values_pm, self._vtx, self._bary, self._nbr, self._csr_ptr, self._csr_idx, bool(transpose)
+            values_pm, self._vtx, self._bary, self._nbr, self._csr_ptr, self._csr_idx, bool(transpose), self.shape[0]
         )
 
     def _check_values(self, values: torch.Tensor) -> None:

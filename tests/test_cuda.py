@@ -204,9 +204,9 @@ def test_emulated_filter_equals_cpu_filter(emulated):
 def test_emulated_kernel_rejects_bad_state(emulated):
     lat = build_with(emulated, rgbxy_features(photo_crop("coffee", 16), 15.0, 10.0))
     with pytest.raises(RuntimeError, match="values have 100 pixels, the lattice 256"):
-        emulated.filter(torch.zeros(100, 3), lat._vtx, lat._bary, lat._nbr, lat._csr_ptr, lat._csr_idx, False)
+        emulated.filter(torch.zeros(100, 3), lat._vtx, lat._bary, lat._nbr, lat._csr_ptr, lat._csr_idx, False, 1)
     with pytest.raises(RuntimeError, match="nbr must be Int"):
-        emulated.filter(torch.zeros(256, 3), lat._vtx, lat._bary, lat._nbr.long(), lat._csr_ptr, lat._csr_idx, False)
+        emulated.filter(torch.zeros(256, 3), lat._vtx, lat._bary, lat._nbr.long(), lat._csr_ptr, lat._csr_idx, False, 1)
     with pytest.raises(RuntimeError, match="multiple of the batch size"):
         emulated.build(torch.zeros(10, 5), torch.empty(0, dtype=torch.bool), 3)
 

@@ -172,7 +172,7 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
 
 // values (P, C) float32 -> alpha * S' B S values (transpose: blur axes in reverse order, the exact adjoint).
 torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary, torch::Tensor nbr,
-                     torch::Tensor csr_ptr, torch::Tensor csr_idx, bool transpose) {
+                     torch::Tensor csr_ptr, torch::Tensor csr_idx, bool transpose, int64_t batch) {
   TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == torch::kFloat32 && values.dim() == 2,
               "lattice filter: values must be (P, C) float32 on the CPU");
   values = values.contiguous();
@@ -182,6 +182,7 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   const int d = d1 - 1;
   const int64_t V = nbr.size(0);
   TORCH_CHECK(vtx.size(0) == P, "lattice filter: values have ", P, " pixels, the lattice ", vtx.size(0));
+  TORCH_CHECK(batch >= 1 && P % batch == 0, "lattice filter: P must be a multiple of the batch size");
 
   const float* in = values.data_ptr<float>();
   const float* bp = bary.data_ptr<float>();
@@ -195,24 +196,36 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 
   // Splat: scatter in pixel order, so each sum has the same order whatever the thread count (deterministic).
-  // Threads split the channels; each accumulates into a private (V, width) buffer to avoid false sharing.
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
-  const int64_t width = (C + threads - 1) / threads;
-  at::parallel_for(0, (C + width - 1) / width, 1, [&](int64_t lo, int64_t hi) {
+  // Tasks are (image, channel chunk) pairs: images own disjoint vertex ranges, and chunks split the channels
+  // only when there are fewer images than threads. Each task accumulates into a private buffer (no false
+  // sharing) and copies back the vertex rows of its image, the [min, max] of the ids it touched.
+  const int64_t n = P / batch;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (threads + batch - 1) / batch));
+  const int64_t width = (C + chunks - 1) / chunks;
+  const int64_t per_image = (C + width - 1) / width;
+  at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> acc;
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t c0 = task * width, cw = std::min(width, C - c0);
-      std::vector<float> acc(static_cast<size_t>(V) * cw, 0.f);
-      for (int64_t p = 0; p < P; ++p) {
+      const int64_t b = task / per_image;
+      const int64_t c0 = (task % per_image) * width, cw = std::min(width, C - c0);
+      acc.assign(static_cast<size_t>(V) * cw, 0.f);
+      int64_t vmin = V, vmax = -1;
+      for (int64_t p = b * n; p < (b + 1) * n; ++p) {
         const float* src = in + p * C + c0;
         for (int r = 0; r < d1; ++r) {
           const int32_t v = vp[p * d1 + r];
           if (v < 0) break;  // outside the roi: all corners are -1
+          vmin = std::min<int64_t>(vmin, v);
+          vmax = std::max<int64_t>(vmax, v);
           const float w = bp[p * d1 + r];
           float* dst = acc.data() + static_cast<int64_t>(v) * cw;
           for (int64_t c = 0; c < cw; ++c) dst[c] += w * src[c];
         }
       }
-      for (int64_t v = 0; v < V; ++v) std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, a + v * C + c0);
+      for (int64_t v = vmin; v <= vmax; ++v) {
+        std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, a + v * C + c0);
+      }
     }
   });
 

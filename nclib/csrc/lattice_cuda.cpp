@@ -62,8 +62,9 @@ std::vector<at::Tensor> build(at::Tensor features, at::Tensor roi, int64_t batch
 }
 
 // values (P, C) float32 -> alpha * S' B S values (transpose: blur axes in reverse order, the exact adjoint).
+// `batch` is unused here (the CSR gather needs no image ranges) but keeps the CPU kernel's signature.
 at::Tensor filter(at::Tensor values, at::Tensor vtx, at::Tensor bary, at::Tensor nbr,
-                     at::Tensor csr_ptr, at::Tensor csr_idx, bool transpose) {
+                     at::Tensor csr_ptr, at::Tensor csr_idx, bool transpose, int64_t batch) {
   TORCH_CHECK(on_target(values), "lattice filter (CUDA kernel): values must be on a CUDA device, got ",
               values.device());
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 2,
