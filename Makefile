@@ -43,6 +43,7 @@ figures: setup data
 bench: setup
 	$(BIN)/python scripts/bench_lattice.py
 	$(BIN)/python scripts/bench_losses.py
+	$(BIN)/python scripts/bench_train.py
 
 # Compile-only check of the CUDA sources with nvcc (no GPU needed); skipped where nvcc is absent.
 cuda-check: setup

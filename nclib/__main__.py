@@ -1,0 +1,109 @@
+"""Command line for long jobs outside notebooks.
+
+    python -m nclib train --config configs/default_pce.yaml [--set lr=0.01 --set seed=1] [--out DIR] [--force]
+    torchrun --nproc_per_node 4 -m nclib train --config configs/voc_resnet101_nc.yaml --out runs/r101
+    python -m nclib evaluate --checkpoint results/<run>/model.pt [--scales 0.5 0.75 1 --flip --crf --nc]
+
+``train`` without ``--out`` goes through the results cache (``results/<name>-<hash>/``, skipped when already run);
+with ``--out`` it trains into that folder (resuming a checkpoint found there) and evaluates at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _parse_set(items: List[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _train(args: argparse.Namespace) -> dict:
+    from .train import Config, _dist_env, build_datasets, load_model, run, train
+    from .evaluate import evaluate
+
+    base = Config.from_yaml(args.config).to_dict() if args.config else {}
+    cfg = Config.from_dict({**base, **_parse_set(args.set)})
+    if args.out is None:
+        return run(cfg, force=args.force, progress=not args.quiet)
+    res = train(cfg, args.out, resume=not args.force, progress=not args.quiet)
+    if _dist_env()[0] != 0:
+        return {}
+    model, _ = load_model(res["checkpoint"], device="cuda" if cfg.device != "cpu" and _cuda() else "cpu")
+    _, val, k = build_datasets(cfg)
+    res["val"] = evaluate(model, val, k, device=next(model.parameters()).device, scales=cfg.eval_scales,
+                          flip=cfg.eval_flip, crf=cfg.eval_crf, crf_kwargs=cfg.crf_args, nc_energy=cfg.eval_nc,
+                          sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
+    return res
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from .evaluate import evaluate
+    from .train import build_datasets, load_model
+
+    model, cfg = load_model(args.checkpoint, device=args.device)
+    over = {"val_split": args.split} if args.split else {}
+    if args.root:
+        over["root"] = args.root
+    cfg = cfg.replace(**over) if over else cfg
+    _, val, k = build_datasets(cfg)
+    return evaluate(model, val, k, device=args.device, scales=args.scales, flip=args.flip, crf=args.crf,
+                    crf_kwargs=cfg.crf_args,
+                    nc_energy=args.nc, sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy,
+                    max_images=args.max_images)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="nclib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a config (results cache, or --out DIR)")
+    t.add_argument("--config", help="YAML file with Config keys")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--out", help="output folder (default: the results cache)")
+    t.add_argument("--force", action="store_true", help="retrain even if cached / ignore a checkpoint in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = sub.add_parser("evaluate", help="score a checkpoint on its config's validation split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", help="split to score (default: the config's val_split)")
+    e.add_argument("--root", help="data root (default: the config's)")
+    e.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    e.add_argument("--flip", action="store_true")
+    e.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    e.add_argument("--nc", action="store_true", help="also report the NC energy of the predictions")
+    e.add_argument("--max-images", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", help="also write the result to this file")
+    args = p.parse_args(argv)
+    try:
+        res = _train(args) if args.cmd == "train" else _evaluate(args)
+    except ValueError as err:
+        print(f"nclib {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+    if res:
+        text = json.dumps({k: v for k, v in res.items() if k != "history"}, indent=1, default=str)
+        print(text)
+        if getattr(args, "json", None):
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

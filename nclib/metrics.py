@@ -1,0 +1,82 @@
+"""Segmentation scores as the VOC benchmark computes them: one confusion matrix accumulated over the whole set.
+
+IoU_k = TP_k / (TP_k + FP_k + FN_k); mIoU is the mean over classes that occur in the ground truth or the
+predictions (a class absent from both has an undefined IoU and is left out). Pixels labelled ``ignore_index``
+(255, VOC's void; crop padding must be mapped to it) are not scored.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ._checks import check_same_device
+
+__all__ = ["confusion_matrix", "iou_per_class", "mean_iou", "pixel_accuracy", "ConfusionMeter"]
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """(K, K) int64 counts, rows = ground truth, columns = prediction.
+
+    Args:
+        pred: (B, H, W) or (H, W) integer labels in [0, K).
+        target: same shape; labels in [0, K) or ``ignore_index``.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.is_floating_point() or target.is_floating_point():
+        raise ValueError(f"pred and target must be integer label maps, got {pred.dtype} and {target.dtype}")
+    check_same_device("pred", pred, "target", target)
+    t = target.reshape(-1).long()
+    p = pred.reshape(-1).long()
+    keep = t != ignore_index
+    t, p = t[keep], p[keep]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError(f"target labels must lie in [0, {num_classes}) or be {ignore_index}; "
+                         f"found {sorted(set(t.unique().tolist()) - set(range(num_classes)))[:5]}")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes):
+        raise ValueError(f"pred labels must lie in [0, {num_classes}), found range [{int(p.min())}, {int(p.max())}]")
+    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()
+
+
+def iou_per_class(conf: torch.Tensor) -> torch.Tensor:
+    """(K,) float64 IoU per class; NaN for a class absent from both ground truth and predictions."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+
+
+def mean_iou(conf: torch.Tensor) -> float:
+    """Mean IoU over the classes with a defined IoU (VOC's rule)."""
+    iou = iou_per_class(conf)
+    valid = ~torch.isnan(iou)
+    return float(iou[valid].mean()) if bool(valid.any()) else float("nan")
+
+
+def pixel_accuracy(conf: torch.Tensor) -> float:
+    total = conf.sum()
+    return float(conf.diag().sum().double() / total) if int(total) > 0 else float("nan")
+
+
+class ConfusionMeter:
+    """Accumulates a confusion matrix over batches; ``summary()`` gives mIoU, per-class IoU and pixel accuracy."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Optional[List[str]] = None) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = class_names
+        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.conf += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+
+    def summary(self) -> Dict[str, object]:
+        iou = iou_per_class(self.conf)
+        return {
+            "miou": mean_iou(self.conf),
+            "pixel_acc": pixel_accuracy(self.conf),
+            "iou": [None if v != v else round(float(v), 6) for v in iou.tolist()],
+        }
