@@ -1,6 +1,30 @@
-"""nclib: normalized cut loss for weakly-supervised CNN segmentation (Tang et al., CVPR 2018)."""
+"""nclib: normalized cut loss for weakly-supervised CNN segmentation (Tang et al., CVPR 2018).
+
+Modules, one idea each: ``lattice`` (permutohedral Gaussian filter), ``losses`` (pCE, NC, NEL, K-means,
+DenseCRF loss), ``crf`` (dense CRF inference), ``clustering`` and ``proposals`` (shallow algorithms),
+``models`` (DeepLab), ``data`` (datasets, scribbles, preparation), ``train`` / ``evaluate`` / ``metrics``
+(the engine), ``photos`` (bundled sample photos).
+"""
 from .lattice import Permutohedral, exact_gaussian_filter, gaussian_filter, rgbxy_features, xy_features
+from .losses import (
+    densecrf_loss,
+    kmeans_loss,
+    nel_loss,
+    normalized_cut_loss,
+    partial_cross_entropy,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["Permutohedral", "gaussian_filter", "exact_gaussian_filter", "rgbxy_features", "xy_features"]
+__all__ = [
+    "Permutohedral",
+    "gaussian_filter",
+    "exact_gaussian_filter",
+    "rgbxy_features",
+    "xy_features",
+    "partial_cross_entropy",
+    "normalized_cut_loss",
+    "nel_loss",
+    "kmeans_loss",
+    "densecrf_loss",
+]
