@@ -379,11 +379,8 @@ def loss_terms(logits: torch.Tensor, images: torch.Tensor, target: Optional[torc
                 roi=roi)
         if cfg.nel_weight > 0:
             terms["nel"] = cfg.nel_weight * L.nel_loss(probs, scribbles)
-        if cfg.kmeans_weight > 0:
-            if not bool(roi.all()):  # kmeans_loss takes no roi: padding would form a cluster of its own
-                raise ValueError("kmeans_weight > 0 needs crops without padding: choose crop and scale_range so "
-                                 "that every scaled image covers the crop")
-            terms["kmeans"] = cfg.kmeans_weight * L.kmeans_loss(probs, images)
+        if cfg.kmeans_weight > 0:  # crop padding is left out, or it would form a cluster of its own
+            terms["kmeans"] = cfg.kmeans_weight * L.kmeans_loss(probs, images, roi=roi)
     if not terms:
         raise ValueError("every loss weight is 0: nothing to train")
     terms["total"] = sum(terms.values())
