@@ -143,7 +143,7 @@ class Permutohedral:
         return int(self._nbr.shape[0])
 
     def apply_pixel_major(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """The raw operator on pixel-major values (B*H*W, C) float32 -> (B*H*W, C), no autograd, no checks.
+        """The raw operator on pixel-major values (B*H*W, C) float32 -> (B*H*W, C): no autograd, shape check only.
 
         For inner loops (mean-field iterations) that keep their state in the kernels' layout; see
         :func:`to_pixel_major`.
