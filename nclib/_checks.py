@@ -15,11 +15,16 @@ def check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
+def check_finite(name: str, t: torch.Tensor) -> float:
+    """Raise if ``t`` has NaN or inf; return ``max |t|`` (0 for non-floating tensors) for range checks."""
+    if not t.is_floating_point():
+        return 0.0
     # min and max propagate NaN and show inf: one fused reduction, ~40x cheaper than materialising isfinite(t).
-    if t.is_floating_point() and not bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()):
+    lo, hi = torch.aminmax(t.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
         raise ValueError(f"{name} contains {bad} values (shape {tuple(t.shape)})")
+    return max(-float(lo), float(hi))
 
 
 def check_positive(name: str, value: float) -> None:
