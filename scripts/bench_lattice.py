@@ -13,14 +13,10 @@ import torch
 
 import nclib
 from nclib import Permutohedral, exact_gaussian_filter, rgbxy_features
+from nclib.lattice import relative_rms_error
 from nclib.photos import photo_tensor
 
 from benchutil import ROOT, median_ms, photos
-
-
-def rel_rms(a, e):
-    dev = e - e.mean(dim=(2, 3), keepdim=True)
-    return float((a - e).pow(2).mean().sqrt() / dev.pow(2).mean().sqrt())
 
 
 def main() -> None:
@@ -78,7 +74,7 @@ def main() -> None:
         for sxy in (10.0, 30.0):
             f = rgbxy_features(img, 15.0, sxy)
             lat = Permutohedral(f)
-            err = rel_rms(lat.filter(img, normalize=True), exact_gaussian_filter(img.double(), f.double(), True))
+            err = relative_rms_error(lat.filter(img, normalize=True), exact_gaussian_filter(img.double(), f.double(), True))
             x, y = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
             a = float((lat.filter(x).double() * y).sum())
             sym = abs(a - float((x * lat.filter(y).double()).sum())) / abs(a)

@@ -29,10 +29,6 @@ from benchutil import median_ms, photos  # noqa: E402
 SIZE, K = 321, 21
 
 
-def photo321(name: str) -> torch.Tensor:
-    return photos(SIZE, (name,))
-
-
 def network_like_logits(img: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     b, _, h, w = img.shape
@@ -46,7 +42,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "losses.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    imgs = torch.cat([photo321("astronaut"), photo321("coffee")])
+    imgs = photos(SIZE, ("astronaut", "coffee"))
     logits = network_like_logits(imgs).requires_grad_(True)
     rows = []
 
