@@ -1,16 +1,32 @@
-"""Shared fixtures: real photographs bundled with scikit-image (no download), small crops for exact references."""
+"""Shared fixtures. Tests import helpers from ``nclib`` itself (``nclib.photos``), never from this file.
+
+Fixtures:
+- ``device``: every device the property tests should run on (CPU, and CUDA where a GPU is present).
+- ``horses``: the Weizmann horse folder (``../shared/data/weizmann_horse`` or ``$NCLIB_HORSES``); skips if absent.
+"""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nclib.photos import BUNDLED as PHOTOS, photo, photo_tensor  # noqa: F401  (re-exported for the tests)
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+_HORSES = Path(os.environ.get("NCLIB_HORSES", Path(__file__).resolve().parents[2] / "shared" / "data" / "weizmann_horse"))
 
 
-def photo_crop(name: str, size: int) -> torch.Tensor:
-    """(1, 3, size, size) float32 centred crop of a bundled photo at full resolution, RGB 0..255."""
-    return photo_tensor(name, crop=size)
+@pytest.fixture(params=_DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def horses() -> Path:
+    if not _HORSES.is_dir():
+        pytest.skip(f"Weizmann horses not available at {_HORSES} (python -m nclib.data prepare horses)")
+    return _HORSES
 
 
 @pytest.fixture(autouse=True)

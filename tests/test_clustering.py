@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PHOTOS, photo
+from nclib.photos import BUNDLED as PHOTOS, photo
 from nclib.clustering import kernel_kmeans_nc, kmeans, nc_energy, seeded_normalized_cut
 from nclib.lattice import exact_gaussian_filter, rgbxy_features
 from nclib.losses import _nc_from_filter

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PHOTOS, photo
+from nclib.photos import BUNDLED as PHOTOS, photo
 from nclib.crf import dense_crf
 from nclib.lattice import exact_gaussian_filter, rgbxy_features, xy_features
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import nclib.lattice as lattice_mod
-from conftest import PHOTOS, photo_crop
+from nclib.photos import BUNDLED as PHOTOS, photo_tensor
 from nclib import Permutohedral, gaussian_filter, rgbxy_features, xy_features
 from nclib import _ext
 
@@ -39,7 +39,7 @@ BARY_ATOL = 1e-6
 
 def photo_batch(size: int, names=PHOTOS) -> torch.Tensor:
     """(len(names), 3, size, size) real photos, RGB 0..255."""
-    return torch.cat([photo_crop(n, size) for n in names])
+    return torch.cat([photo_tensor(n, crop=size) for n in names])
 
 
 def padded_roi(batch: int, size: int) -> torch.Tensor:
@@ -202,7 +202,7 @@ def test_emulated_filter_equals_cpu_filter(emulated):
 
 
 def test_emulated_kernel_rejects_bad_state(emulated):
-    lat = build_with(emulated, rgbxy_features(photo_crop("coffee", 16), 15.0, 10.0))
+    lat = build_with(emulated, rgbxy_features(photo_tensor("coffee", crop=16), 15.0, 10.0))
     with pytest.raises(RuntimeError, match="values have 100 pixels, the lattice 256"):
         emulated.filter(torch.zeros(100, 3), lat._vtx, lat._bary, lat._nbr, lat._csr_ptr, lat._csr_idx, False, 1)
     with pytest.raises(RuntimeError, match="nbr must be Int"):

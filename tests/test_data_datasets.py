@@ -20,7 +20,7 @@ from nclib.data import (
     read_label,
 )
 
-HORSES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weizmann_horse"
+
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +172,13 @@ def test_image_without_mask_is_named(tmp_path):
         MaskFolderDataset(tmp_path)
 
 
-@pytest.mark.skipif(not HORSES.is_dir(), reason="Weizmann horses not available")
-def test_weizmann_horses():
-    ds = MaskFolderDataset(HORSES)
+def test_weizmann_horses(horses):
+    ds = MaskFolderDataset(horses)
     assert len(ds) == 328
     fg = []
     for i in (0, 100, 327):
         s = ds[i]
-        m = Image.open(HORSES / "masks" / f"{s['id']}.jpg")
+        m = Image.open(horses / "masks" / f"{s['id']}.jpg")
         _check_sample(s, m.size[1], m.size[0])
         fg.append(float(s["mask"].float().mean()))
     assert 0.1 < np.mean(fg) < 0.45  # SOURCE.md: mean foreground fraction 0.25

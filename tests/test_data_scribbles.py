@@ -1,7 +1,6 @@
 """Synthesized ScribbleSup-like scribbles: inside the true class, near the target fraction, deterministic."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from scipy import ndimage
 from nclib.data.default import render_salient, render_scene
 from nclib.data.scribbles import labelled_fraction, synthesize_scribbles
 
-HORSES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weizmann_horse"
+
 SCENES = [render_scene(0, 0, i)[1] for i in range(24)]
 
 
@@ -79,11 +78,10 @@ def test_bad_masks_are_rejected():
     assert (synthesize_scribbles(np.full((8, 8), 255, np.uint8), 7, seed=0) == 255).all()
 
 
-@pytest.mark.skipif(not HORSES.is_dir(), reason="Weizmann horses not available")
-def test_real_horse_masks():
+def test_real_horse_masks(horses):
     from nclib.data import MaskFolderDataset
 
-    ds = MaskFolderDataset(HORSES, scribbles="none")
+    ds = MaskFolderDataset(horses, scribbles="none")
     fr = []
     for i in range(0, len(ds), 41):
         m = ds[i]["mask"].numpy().astype(np.uint8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PHOTOS, photo_crop
+from nclib.photos import BUNDLED as PHOTOS, photo_tensor
 from nclib import Permutohedral, exact_gaussian_filter, gaussian_filter, rgbxy_features, xy_features
 from nclib.lattice import relative_rms_error
 
@@ -15,7 +15,7 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def astro():
-    return photo_crop("astronaut", 64)
+    return photo_tensor("astronaut", crop=64)
 
 
 def test_constant_input_gives_constant_normalized_output(astro):
@@ -27,7 +27,7 @@ def test_constant_input_gives_constant_normalized_output(astro):
 @pytest.mark.parametrize("name", PHOTOS)
 @pytest.mark.parametrize("sigma_xy", [10.0, 30.0])
 def test_normalized_photo_rgb_close_to_exact(name, sigma_xy):
-    img = photo_crop(name, 64)
+    img = photo_tensor(name, crop=64)
     f = rgbxy_features(img, 15.0, sigma_xy)
     approx = gaussian_filter(img, f, normalize=True)
     exact = exact_gaussian_filter(img.double(), f.double(), normalize=True).float()
@@ -58,7 +58,7 @@ def test_forward_nearly_symmetric(astro, sigma_xy):
 
 
 def test_gradcheck_linear_operator():
-    img = photo_crop("coffee", 8)
+    img = photo_tensor("coffee", crop=8)
     f = rgbxy_features(img, 15.0, 3.0)
     v = torch.rand(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
     # The operator is linear, so a unit step gives the exact Jacobian up to float32 rounding inside the kernel.
@@ -89,7 +89,7 @@ def test_end_to_end_against_finite_differences(astro):
 
 
 def test_batch_equals_single_calls():
-    imgs = torch.cat([photo_crop(n, 48) for n in PHOTOS])
+    imgs = torch.cat([photo_tensor(n, crop=48) for n in PHOTOS])
     f = rgbxy_features(imgs, 15.0, 20.0)
     v = torch.rand(len(PHOTOS), 5, 48, 48)
     batched = gaussian_filter(v, f)

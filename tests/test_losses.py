@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PHOTOS, photo_crop
+from nclib.photos import BUNDLED as PHOTOS, photo_tensor
 from nclib.lattice import Permutohedral, exact_gaussian_filter, rgbxy_features
 from nclib.losses import (
     DenseCRFLoss,
@@ -56,7 +56,7 @@ KNOWN_LATTICE_ERROR = {("astronaut", 48, 40.0)}
 def test_nc_matches_exact_dense_kernel(name, size, sigma_xy, request):
     if (name, size, sigma_xy) in KNOWN_LATTICE_ERROR:
         request.applymarker(pytest.mark.xfail(strict=True, reason="lattice kernel error 3.9% > 2.5% (measured)"))
-    img = photo_crop(name, size)
+    img = photo_tensor(name, crop=size)
     p = colour_probs(img, 3, temperature=3000.0)
     ours = float(normalized_cut_loss(p, img, sigma_rgb=15.0, sigma_xy=sigma_xy))
     ref = float(exact_nc(p, img, 15.0, sigma_xy))
@@ -110,7 +110,7 @@ def test_nc_lattice_closed_form_two_colour_image(sxy, dr):
 
 # ------------------------------------------------------------------------------------------ gradients
 def test_autograd_gradient_equals_eq8_same_lattice():
-    img = torch.cat([photo_crop("astronaut", 40), photo_crop("coffee", 40)])
+    img = torch.cat([photo_tensor("astronaut", crop=40), photo_tensor("coffee", crop=40)])
     s = colour_probs(img).requires_grad_(True)
     normalized_cut_loss(s, img, sigma_xy=20.0).backward()
     lat = Permutohedral(rgbxy_features(img, 15.0, 20.0))
@@ -129,7 +129,7 @@ def test_autograd_gradient_equals_eq8_same_lattice():
 
 
 def test_gradient_matches_float64_finite_differences_exact_filter():
-    img = photo_crop("chelsea", 9).double()
+    img = photo_tensor("chelsea", crop=9).double()
     f = rgbxy_features(img, 15.0, 5.0)
     n = 81
     w = exact_gaussian_filter(torch.eye(n, dtype=torch.float64).reshape(1, n, 9, 9), f).reshape(n, n)  # dense W
@@ -141,7 +141,7 @@ def test_gradient_matches_float64_finite_differences_exact_filter():
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_zero_gradient_at_scribbles(scale):
-    img = photo_crop("astronaut", 32)
+    img = photo_tensor("astronaut", crop=32)
     logits = torch.randn(1, 4, 32, 32, requires_grad=True)
     scr = torch.full((1, 32, 32), 255, dtype=torch.long)
     scr[0, 5:8, 3:25] = 1
@@ -153,7 +153,7 @@ def test_zero_gradient_at_scribbles(scale):
 
 
 def test_scribbles_clamped_inside_loss():
-    img = photo_crop("coffee", 24)
+    img = photo_tensor("coffee", crop=24)
     p = colour_probs(img, 3)
     scr = torch.full((1, 24, 24), 255, dtype=torch.long)
     scr[0, 2:6, 2:20] = 2
@@ -166,7 +166,7 @@ def test_scribbles_clamped_inside_loss():
 
 # ------------------------------------------------------------------------------------------ scale / roi / batch
 def test_roi_excludes_padding_exactly():
-    img = photo_crop("rocket", 32)
+    img = photo_tensor("rocket", crop=32)
     p = colour_probs(img, 3)
     pad_img = F.pad(img, (0, 8, 0, 5))
     pad_p = F.pad(p, (0, 8, 0, 5), value=1.0 / 3)
@@ -180,7 +180,7 @@ def test_roi_excludes_padding_exactly():
 
 
 def test_scale_equals_loss_on_resized_inputs():
-    img = photo_crop("chelsea", 40)
+    img = photo_tensor("chelsea", crop=40)
     p = colour_probs(img, 3)
     small_img = F.interpolate(img, size=(20, 20), mode="bilinear", align_corners=False)
     small_p = F.interpolate(p, size=(20, 20), mode="bilinear", align_corners=False)
@@ -190,7 +190,7 @@ def test_scale_equals_loss_on_resized_inputs():
 
 
 def test_batch_mean_of_images():
-    img = torch.cat([photo_crop("astronaut", 32), photo_crop("coffee", 32), photo_crop("rocket", 32)])
+    img = torch.cat([photo_tensor("astronaut", crop=32), photo_tensor("coffee", crop=32), photo_tensor("rocket", crop=32)])
     p = colour_probs(img, 3)
     batch = float(normalized_cut_loss(p, img, sigma_xy=20.0))
     singles = [float(normalized_cut_loss(p[i : i + 1], img[i : i + 1], sigma_xy=20.0)) for i in range(3)]
@@ -199,7 +199,7 @@ def test_batch_mean_of_images():
 
 # ------------------------------------------------------------------------------------------ edge cases
 def test_edge_cases_finite_and_correct():
-    img = photo_crop("astronaut", 24)
+    img = photo_tensor("astronaut", crop=24)
     k = 4
     # absent class: exact zeros in one channel -> empty segment contributes 0 (crisp convention)
     p = colour_probs(img, 3)
@@ -255,7 +255,7 @@ def test_nel_loss():
 
 
 def test_kmeans_loss_matches_numpy():
-    img = torch.cat([photo_crop("coffee", 20), photo_crop("rocket", 20)])
+    img = torch.cat([photo_tensor("coffee", crop=20), photo_tensor("rocket", crop=20)])
     p = colour_probs(img, 3, temperature=2000.0)
     ours = float(KMeansLoss()(p, img))
     vals = []
@@ -270,7 +270,7 @@ def test_kmeans_loss_matches_numpy():
 def test_densecrf_loss_scale_and_rloss_gradient():
     """Value ~0.55x the exact-kernel one (the lattice's uncalibrated scale); logits gradient equal to rloss's
     ``-sum_k S_k' W S_k / N`` (same lattice), since the two differ by the constant ``sum(d) / N``."""
-    img = photo_crop("chelsea", 40)
+    img = photo_tensor("chelsea", crop=40)
     logits = (colour_probs(img, 3) * 4).requires_grad_(True)
     f = rgbxy_features(img.double(), 15.0, 20.0)
     p64 = logits.detach().softmax(1).double()
@@ -289,7 +289,7 @@ def test_densecrf_loss_scale_and_rloss_gradient():
 
 # ------------------------------------------------------------------------------------------ precision / input
 def test_half_inputs_under_autocast_are_float32():
-    img = photo_crop("astronaut", 32)
+    img = photo_tensor("astronaut", crop=32)
     p = colour_probs(img, 3)
     ref = float(normalized_cut_loss(p, img, sigma_xy=20.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -303,7 +303,7 @@ def test_half_inputs_under_autocast_are_float32():
 
 
 def _bad_calls():
-    img = photo_crop("coffee", 16)
+    img = photo_tensor("coffee", crop=16)
     p = colour_probs(img, 3)
     scr = torch.full((1, 16, 16), 255, dtype=torch.long)
     nan_p = p.clone()

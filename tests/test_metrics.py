@@ -85,10 +85,10 @@ class _Tiny(torch.nn.Module):
 def test_multiscale_flip_is_the_mean_of_the_softmaxes():
     import torch.nn.functional as F
 
-    from conftest import photo_crop
+    from nclib.photos import photo_tensor
     from nclib.evaluate import predict_probs
 
-    img = photo_crop("coffee", 32)
+    img = photo_tensor("coffee", crop=32)
     m = _Tiny()
     got = predict_probs(m, img, scales=(0.5, 1.0), flip=True)
     ref = []
@@ -103,11 +103,11 @@ def test_multiscale_flip_is_the_mean_of_the_softmaxes():
 
 
 def test_evaluate_scores_and_nc_energy(monkeypatch):
-    from conftest import photo_crop
+    from nclib.photos import photo_tensor
     from nclib.evaluate import evaluate, nc_energy
     from nclib.losses import normalized_cut_loss
 
-    img = photo_crop("astronaut", 24)
+    img = photo_tensor("astronaut", crop=24)
     mask = (img[0].mean(0) > img.mean()).long()
     mask[:2] = 254  # padding rows are not scored
     ds = [{"image": img[0], "mask": mask}] * 2

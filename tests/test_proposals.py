@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import photo
+from nclib.photos import photo
 from nclib.proposals import grabcut_proposals
 
 HORSES = Path(__file__).resolve().parents[2] / "shared" / "data" / "weizmann_horse"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo
+from nclib.photos import photo
 from nclib import train as T
 from nclib.train import Config, NonFiniteLossError, config_hash, run, train
 
