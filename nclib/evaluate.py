@@ -16,12 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_rank
+from .data.labels import IGNORE_LABEL, PAD_LABEL
 from .metrics import ConfusionMeter
 
 __all__ = ["predict_probs", "nc_energy", "evaluate"]
 
-PAD = 254
-IGNORE = 255
 
 
 @torch.no_grad()
@@ -91,7 +90,7 @@ def evaluate(model: nn.Module, dataset, num_classes: int, device: Union[str, tor
             sample = dataset[i]
             img = sample["image"][None].to(device).float()
             mask = sample["mask"][None].to(device).long()
-            target = mask.masked_fill(mask == PAD, IGNORE)
+            target = mask.masked_fill(mask == PAD_LABEL, IGNORE_LABEL)
             probs = predict_probs(model, img, scales, flip)
             meter.update(probs.argmax(1), target)
             if meter_crf is not None:
@@ -100,9 +99,9 @@ def evaluate(model: nn.Module, dataset, num_classes: int, device: Union[str, tor
                 refined = dense_crf(probs, img, **(crf_kwargs or {}))
                 meter_crf.update(refined.argmax(1), target)
             if nc_energy:
-                roi = mask != PAD
+                roi = mask != PAD_LABEL
                 energies.append(float(_nc_energy(probs, img, sigma_rgb, sigma_xy, roi)[0]))
-                valid = mask < PAD
+                valid = mask < PAD_LABEL
                 onehot = F.one_hot(target.clamp_max(num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
                 energies_gt.append(float(_nc_energy(onehot, img, sigma_rgb, sigma_xy, valid)[0]))
             if kmeans_energy:

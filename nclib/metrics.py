@@ -11,11 +11,12 @@ from typing import Dict, List, Optional
 import torch
 
 from ._checks import check_same_device
+from .data.labels import IGNORE_LABEL
 
 __all__ = ["confusion_matrix", "iou_per_class", "mean_iou", "pixel_accuracy", "ConfusionMeter"]
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
     """(K, K) int64 counts, rows = ground truth, columns = prediction.
 
     Args:
@@ -64,7 +65,7 @@ def pixel_accuracy(conf: torch.Tensor) -> float:
 class ConfusionMeter:
     """Accumulates a confusion matrix over batches; ``summary()`` gives mIoU, per-class IoU and pixel accuracy."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Optional[List[str]] = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_LABEL, class_names: Optional[List[str]] = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = class_names

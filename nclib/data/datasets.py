@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .labels import IGNORE_LABEL
 from .scribbles import synthesize_scribbles
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "prepare_command",
 ]
 
-IGNORE_LABEL = 255
 
 VOC_CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -19,15 +19,17 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order
 from skimage.morphology import skeletonize
 
+from .labels import IGNORE_LABEL
+
 __all__ = ["synthesize_scribbles", "labelled_fraction", "draw_polyline", "cv2_thickness"]
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def labelled_fraction(scribble: np.ndarray, ignore: int = 255) -> float:
-    """Fraction of pixels of a (H, W) scribble map that carry a label (not ``ignore``)."""
+def labelled_fraction(scribble: np.ndarray, ignore_index: int = IGNORE_LABEL) -> float:
+    """Fraction of pixels of a (H, W) scribble map that carry a label (not ``ignore_index``)."""
     scribble = np.asarray(scribble)
-    return float((scribble != ignore).mean())
+    return float((scribble != ignore_index).mean())
 
 
 def _longest_skeleton_path(region: np.ndarray) -> np.ndarray:
@@ -125,11 +127,11 @@ def synthesize_scribbles(
     seed: int,
     fraction: float = 0.03,
     width: int = 3,
-    ignore: int = 255,
+    ignore_index: int = IGNORE_LABEL,
     min_area: int | None = None,
     background_strokes: int = 2,
 ) -> np.ndarray:
-    """(H, W) uint8 scribbles from a (H, W) integer label mask; ``ignore`` marks unlabelled pixels.
+    """(H, W) uint8 scribbles from a (H, W) integer label mask; ``ignore_index`` marks unlabelled pixels.
 
     One stroke per connected region of each class (``background_strokes`` for class 0), partial length,
     3-px wide by default, covering about ``fraction`` of the non-void pixels. Same seed, same scribbles.
@@ -143,25 +145,26 @@ def synthesize_scribbles(
     if not (0 < fraction < 1):
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
     cv2_thickness(width)  # validates the width
-    if not (0 < num_classes <= 255) or ignore < num_classes or ignore > 255:
-        raise ValueError(f"need 0 < num_classes <= ignore <= 255, got num_classes={num_classes}, ignore={ignore}")
-    bad = (mask != ignore) & ((mask < 0) | (mask >= num_classes))
+    if not (0 < num_classes <= 255) or ignore_index < num_classes or ignore_index > 255:
+        raise ValueError(f"need 0 < num_classes <= ignore_index <= 255, got num_classes={num_classes}, "
+                         f"ignore_index={ignore_index}")
+    bad = (mask != ignore_index) & ((mask < 0) | (mask >= num_classes))
     if bad.any():
         raise ValueError(
-            f"mask has labels outside [0, {num_classes}) that are not ignore={ignore}: "
+            f"mask has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
             f"{sorted(np.unique(mask[bad]).tolist())[:10]}"
         )
     min_area = 2 * width * width if min_area is None else min_area
     rng = np.random.default_rng(seed)
     h, w = mask.shape
-    out = np.full((h, w), ignore, dtype=np.uint8)
-    valid = int((mask != ignore).sum())
+    out = np.full((h, w), ignore_index, dtype=np.uint8)
+    valid = int((mask != ignore_index).sum())
     if valid == 0:
         return out
 
     # Regions: (class, pixels, path); one entry per stroke.
     regions: List[Tuple[int, np.ndarray, np.ndarray]] = []
-    for c in np.unique(mask[mask != ignore]).tolist():
+    for c in np.unique(mask[mask != ignore_index]).tolist():
         lab, n = ndimage.label(mask == c, structure=_EIGHT)
         for k in range(1, n + 1):
             comp = lab == k
@@ -205,7 +208,7 @@ def synthesize_scribbles(
         return np.maximum(lengths, np.minimum(caps, width))  # every region gets at least a dash
 
     def render(lengths: np.ndarray) -> np.ndarray:
-        res = np.full((h, w), ignore, dtype=np.uint8)
+        res = np.full((h, w), ignore_index, dtype=np.uint8)
         for (c, comp, path), length, u in zip(regions, lengths, starts_u):
             length = int(round(length))
             if length < 1:
@@ -220,7 +223,7 @@ def synthesize_scribbles(
     for _ in range(4):
         lengths = plan(total)
         res = render(lengths)
-        drawn = float((res != ignore).sum())
+        drawn = float((res != ignore_index).sum())
         err = abs(drawn - target)
         if err < best_err:
             best, best_err = res, err

@@ -17,11 +17,10 @@ import cv2
 import numpy as np
 import torch
 
-from .datasets import IGNORE_LABEL
+from .labels import IGNORE_LABEL, PAD_LABEL
 
 __all__ = ["IGNORE_LABEL", "PAD_LABEL", "MEAN_RGB", "TrainTransform", "EvalTransform", "pad_sample", "roi_of"]
 
-PAD_LABEL = 254
 #: ImageNet / DeepLab mean pixel, RGB 0..255: what padded image pixels are filled with.
 MEAN_RGB = (122.675, 116.669, 104.008)
 
