@@ -5,7 +5,9 @@
     python -m nclib evaluate --checkpoint results/<run>/model.pt [--scales 0.5 0.75 1 --flip --crf --nc]
 
 ``train`` without ``--out`` goes through the results cache (``results/<name>-<hash>/``, skipped when already run);
-with ``--out`` it trains into that folder (resuming a checkpoint found there) and evaluates at the end.
+with ``--out`` it trains into that folder (resuming a checkpoint found there) and evaluates at the end. Both call
+``nclib.train.train_and_evaluate`` and write the same ``metrics.json`` (``val``: single scale; ``val_msc``: the
+config's ``eval_scales`` / ``eval_flip``).
 """
 from __future__ import annotations
 
@@ -30,28 +32,13 @@ def _parse_set(items: List[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from .train import Config, _dist_env, build_datasets, load_model, run, train
-    from .evaluate import evaluate
+    from .train import Config, run, train_and_evaluate
 
     base = Config.from_yaml(args.config).to_dict() if args.config else {}
     cfg = Config.from_dict({**base, **_parse_set(args.set)})
     if args.out is None:
         return run(cfg, force=args.force, progress=not args.quiet)
-    res = train(cfg, args.out, resume=not args.force, progress=not args.quiet)
-    if _dist_env()[0] != 0:
-        return {}
-    model, _ = load_model(res["checkpoint"], device="cuda" if cfg.device != "cpu" and _cuda() else "cpu")
-    _, val, k = build_datasets(cfg)
-    res["val"] = evaluate(model, val, k, device=next(model.parameters()).device, scales=cfg.eval_scales,
-                          flip=cfg.eval_flip, crf=cfg.eval_crf, crf_kwargs=cfg.crf_args, nc_energy=cfg.eval_nc,
-                          sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
-    return res
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return train_and_evaluate(cfg, args.out, resume=not args.force, progress=not args.quiet)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
@@ -63,8 +50,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
     if args.root:
         over["root"] = args.root
     cfg = cfg.replace(**over) if over else cfg
-    _, val, k = build_datasets(cfg)
-    return evaluate(model, val, k, device=args.device, scales=args.scales, flip=args.flip, crf=args.crf,
+    _, val, num_classes = build_datasets(cfg)
+    return evaluate(model, val, num_classes, device=args.device, scales=args.scales, flip=args.flip, crf=args.crf,
                     crf_kwargs=cfg.crf_args,
                     nc_energy=args.nc, sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy,
                     max_images=args.max_images)

@@ -18,20 +18,22 @@ from pathlib import Path
 import torch
 
 from nclib.models import build_model, param_groups
-from nclib.train import Config, _collate, _Seeded, _targets, build_datasets, loss_terms
+from nclib.train import Config, build_datasets, loss_terms
+from nclib.train.loop import batch_targets
+from nclib.train.stream import SeededDataset, collate
 
 
 def batch_of(cfg: Config, n: int):
-    train, _, k = build_datasets(cfg)
-    ds = _Seeded(train, cache=True)
-    return _collate([ds[(i, i)] for i in range(n)]), k
+    train, _, num_classes = build_datasets(cfg)
+    ds = SeededDataset(train, cache=True)
+    return collate([ds[(i, i)] for i in range(n)]), num_classes
 
 
 def step_time(cfg: Config, batch, k: int, device: torch.device, repeats: int, warmup: int = 2) -> float:
     torch.manual_seed(0)
     model = build_model(cfg.model, k).to(device).train()
     opt = torch.optim.SGD(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
-    images, target, scrib, roi = _targets(batch, cfg, device)
+    images, target, scrib, roi = batch_targets(batch, cfg, device)
     use_amp = device.type == "cuda"
     times = []
     for r in range(warmup + repeats):
@@ -69,7 +71,7 @@ def main() -> None:
     t_ce = step_time(base, batch, k, cpu, args.repeats)
     rows.append(("small", "cpu (2 threads)", args.batch, args.crop, "pCE", "-", t_ce, 1.0))
     for scale in (1.0, 0.5):
-        cfg = base.replace(nc_weight=1.6, loss_scale=scale)
+        cfg = base.replace(nc_weight=1.6, nc_scale=scale)
         t = step_time(cfg, batch, k, cpu, args.repeats)
         rows.append(("small", "cpu (2 threads)", args.batch, args.crop, "pCE + NC", scale, t, t / t_ce))
     if args.gpu and torch.cuda.is_available():
@@ -79,7 +81,7 @@ def main() -> None:
         g_ce = step_time(gcfg, gbatch, k, dev, args.repeats)
         rows.append(("resnet101_aspp", torch.cuda.get_device_name(), 10, 321, "pCE (AMP)", "-", g_ce, 1.0))
         for scale in (1.0, 0.5):
-            t = step_time(gcfg.replace(nc_weight=1.6, loss_scale=scale), gbatch, k, dev, args.repeats)
+            t = step_time(gcfg.replace(nc_weight=1.6, nc_scale=scale), gbatch, k, dev, args.repeats)
             rows.append(("resnet101_aspp", torch.cuda.get_device_name(), 10, 321, "pCE + NC (AMP)", scale, t,
                          t / g_ce))
     lines = [

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from nclib.photos import photo
-from nclib import train as T
 from nclib.train import Config, NonFiniteLossError, config_hash, run, train
+from nclib.train import results as R
+from nclib.train.loop import nc_term
+from nclib.train.stream import StreamSampler
 
 
 def make_tiny_voc(root, n_train=6, n_val=3, size=40):
@@ -77,7 +79,7 @@ def test_unknown_config_keys_are_named(tmp_path):
 
 @pytest.mark.parametrize("kw, msg", [({"model": "unet"}, "model"), ({"sigma_xy": 0}, "sigma_xy"),
                                      ({"iterations": 0}, "iterations"), ({"nc_weight": -1}, "nc_weight"),
-                                     ({"loss_scale": 2.0}, "loss_scale"), ({"supervision": "boxes"}, "supervision")])
+                                     ({"nc_scale": 2.0}, "nc_scale"), ({"supervision": "boxes"}, "supervision")])
 def test_bad_config_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Config.from_dict(kw)
@@ -100,15 +102,15 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 # ---- data stream -----------------------------------------------------------------------------------------------
 def test_ranks_split_the_single_process_batches():
-    one = list(T._StreamSampler(10, 4, seed=5, start=0, stop=7))
-    r0 = list(T._StreamSampler(10, 4, seed=5, start=0, stop=7, rank=0, world=2))
-    r1 = list(T._StreamSampler(10, 4, seed=5, start=0, stop=7, rank=1, world=2))
+    one = list(StreamSampler(10, 4, seed=5, start=0, stop=7))
+    r0 = list(StreamSampler(10, 4, seed=5, start=0, stop=7, rank=0, world=2))
+    r1 = list(StreamSampler(10, 4, seed=5, start=0, stop=7, rank=1, world=2))
     assert [a + b for a, b in zip(r0, r1)] == one
     # every epoch is a permutation of the data
     idx = [i for batch in one for i, _ in batch]
     assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))
     # resuming at iteration 3 continues the same stream
-    assert list(T._StreamSampler(10, 4, seed=5, start=3, stop=7)) == one[3:]
+    assert list(StreamSampler(10, 4, seed=5, start=3, stop=7)) == one[3:]
 
 
 # ---- determinism and resume ------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def test_run_caches_metrics(tiny_root, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("must not retrain")
 
-    monkeypatch.setattr(T, "train", boom)
+    monkeypatch.setattr(R, "train", boom)
     assert run(cfg, progress=False) == res
     with pytest.raises(AssertionError, match="retrain"):
         run(cfg, force=True, progress=False)
@@ -220,14 +222,14 @@ def test_nc_present_only_leaves_absent_labels_alone():
     from nclib.losses import normalized_cut_loss
 
     torch.manual_seed(0)
-    cfg = Config(nc_weight=1.0, nc_present_only=True, sigma_xy=10.0, loss_scale=1.0)
+    cfg = Config(nc_weight=1.0, nc_present_only=True, sigma_xy=10.0, nc_scale=1.0)
     logits = torch.randn(2, 5, 20, 20, requires_grad=True)
     img = torch.from_numpy(photo("coffee")[100:140:2, 200:240:2].copy()).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1)
     scr = torch.full((2, 20, 20), 255)
     scr[0, 2, :6], scr[0, 15, :6] = 1, 3  # image 0: labels 1 and 3; image 1: label 2 only (trivial partition)
     scr[1, 2, :6] = 2
     roi = torch.ones(2, 20, 20, dtype=torch.bool)
-    v = T._nc_present_only(logits, img, scr, roi, cfg)
+    v = nc_term(logits, torch.softmax(logits, 1), img, scr, roi, cfg)
     v.backward()
     g = logits.grad.abs().sum(dim=(2, 3))
     assert (g[0, [0, 2, 4]] == 0).all() and (g[0, [1, 3]] > 0).all() and (g[1] == 0).all()

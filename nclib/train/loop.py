@@ -1,0 +1,347 @@
+"""The training loop: DeepLab's SGD with poly learning rate, the loss terms, AMP, DDP, NaN guard, checkpoints.
+
+:func:`train` trains a :class:`~nclib.train.config.Config` into a folder (``model.pt``), resuming exactly from a
+checkpoint found there. Under ``torchrun`` (WORLD_SIZE > 1) the global batch is split over the processes and
+gradients are averaged by DistributedDataParallel; the data stream (:mod:`nclib.train.stream`) makes 2 processes
+see the batches of 1.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..data.labels import IGNORE_LABEL, PAD_LABEL
+from ..models import build_model, param_groups
+from .checkpoint import (
+    atomic_save,
+    check_compatible,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    rng_state,
+    set_rng_state,
+)
+from .config import Config, config_hash
+from .stream import SeededDataset, StreamSampler, build_datasets, collate
+
+__all__ = ["train", "NonFiniteLossError", "loss_terms", "nc_term", "batch_targets", "poly_lr", "dist_env",
+           "resolve_device"]
+
+Callback = Callable[[int, Dict[str, float]], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss term turns NaN/inf: the run stops instead of training on garbage."""
+
+
+# --------------------------------------------------------------------------------------- distributed
+def dist_env() -> Tuple[int, int, int]:
+    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+
+
+def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    """``cfg.device`` made concrete: "auto" is CUDA when present, "cuda" is this process's GPU."""
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        dev = f"cuda:{local_rank}"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for but CUDA is not available")
+    return torch.device(dev)
+
+
+# ------------------------------------------------------------------------------------------ losses
+def batch_targets(batch: Dict[str, Any], cfg: Config, device: torch.device):
+    """images, CE target (padding -> ignore), scribbles for NC/NEL (or None), roi (label != padding)."""
+    images = batch["image"].to(device, non_blocking=True).float()
+    mask = batch["mask"].to(device, non_blocking=True).long()
+    roi = mask != PAD_LABEL
+    scrib = batch.get("scribble")
+    scrib = None if scrib is None else scrib.to(device, non_blocking=True).long().masked_fill(~roi, IGNORE_LABEL)
+    mask = mask.masked_fill(~roi, IGNORE_LABEL)
+    target = {"scribble": scrib, "full": mask, "none": None}[cfg.supervision]
+    if cfg.supervision == "scribble" and scrib is None:
+        raise ValueError("supervision 'scribble' needs a dataset with scribbles (dataset 'scribble')")
+    return images, target, scrib, roi
+
+
+def _nc_present_only(logits: torch.Tensor, images: torch.Tensor, scribbles: torch.Tensor, roi: torch.Tensor,
+                     cfg: Config) -> torch.Tensor:
+    """NC over the labels present in each image's scribbles: softmax over those logits only, mean over images.
+
+    Beyond the paper (its Eq. 6 sums over all K labels). Why: the ratio ``S_k'W(1 - S_k) / d'S_k`` does not depend
+    on the scale of ``S_k``, so an absent label with a faint, diffuse softmax residue contributes ~1 however small
+    its mass; with K labels and a few present, those residues dominate the loss and its gradient pushes absent
+    labels onto colour clusters. Restricting the partition to the scribbled labels removes that term (labels
+    absent from the scribbles are left to pCE / NEL). Images without scribbles contribute 0.
+    """
+    from .. import losses as L
+
+    vals = []
+    for i in range(logits.shape[0]):
+        s = scribbles[i]
+        present = torch.unique(s[s != IGNORE_LABEL])
+        if present.numel() < 2:  # one label: the partition is trivial, NC = 0
+            vals.append(logits.new_zeros(()))
+            continue
+        remap = torch.full((logits.shape[1],), IGNORE_LABEL, dtype=torch.long, device=logits.device)
+        remap[present] = torch.arange(present.numel(), device=logits.device)
+        sub = torch.where(s != IGNORE_LABEL, remap[s.clamp_max(logits.shape[1] - 1)], s)
+        probs = torch.softmax(logits[i:i + 1, present], dim=1)
+        vals.append(L.normalized_cut_loss(probs, images[i:i + 1], sub[None], sigma_rgb=cfg.sigma_rgb,
+                                          sigma_xy=cfg.sigma_xy, scale=cfg.nc_scale, roi=roi[i:i + 1]))
+    return torch.stack(vals).mean()
+
+
+def nc_term(logits: torch.Tensor, probs: torch.Tensor, images: torch.Tensor, scribbles: Optional[torch.Tensor],
+            roi: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The unweighted NC loss of a batch: over all K labels (the paper), or with ``cfg.nc_present_only`` over the
+    labels present in each image's scribbles. logits / probs (B, K, H, W), images (B, 3, H, W) RGB 0..255,
+    scribbles (B, H, W) (None without scribbles), roi (B, H, W) bool."""
+    from .. import losses as L
+
+    if cfg.nc_present_only:
+        # TODO(arch-losses): L.normalized_cut_loss(probs, images, scribbles, ..., labels="present")
+        return _nc_present_only(logits, images, scribbles, roi, cfg)
+    clamp = scribbles if cfg.supervision == "scribble" else None
+    return L.normalized_cut_loss(probs, images, clamp, sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy,
+                                 scale=cfg.nc_scale, roi=roi)
+
+
+def loss_terms(logits: torch.Tensor, images: torch.Tensor, target: Optional[torch.Tensor],
+               scribbles: Optional[torch.Tensor], roi: torch.Tensor, cfg: Config) -> Dict[str, torch.Tensor]:
+    """The weighted loss terms of one batch, all float32. ``total`` is their sum.
+
+    CE is the mean over images of each image's mean over its labelled pixels, so that the loss of a global batch
+    is the mean of per-rank losses (DDP = one process).
+    """
+    from .. import losses as L
+
+    logits = logits.float()
+    terms: Dict[str, torch.Tensor] = {}
+    if cfg.ce_weight > 0:
+        ce = torch.stack([L.partial_cross_entropy(logits[i:i + 1], target[i:i + 1]) for i in range(logits.shape[0])])
+        terms["ce"] = cfg.ce_weight * ce.mean()
+    if cfg.nc_weight > 0 or cfg.nel_weight > 0 or cfg.kmeans_weight > 0:
+        probs = torch.softmax(logits, dim=1)
+        if cfg.nc_weight > 0:
+            terms["nc"] = cfg.nc_weight * nc_term(logits, probs, images, scribbles, roi, cfg)
+        if cfg.nel_weight > 0:
+            terms["nel"] = cfg.nel_weight * L.nel_loss(probs, scribbles)
+        if cfg.kmeans_weight > 0:  # crop padding is left out, or it would form a cluster of its own
+            terms["kmeans"] = cfg.kmeans_weight * L.kmeans_loss(probs, images, roi=roi)
+    if not terms:
+        raise ValueError("every loss weight is 0: nothing to train")
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def poly_lr(cfg: Config, it: int) -> float:
+    """DeepLab's poly schedule: ``lr * (1 - it / iterations) ** poly_power``."""
+    return cfg.lr * (1.0 - it / cfg.iterations) ** cfg.poly_power
+
+
+# ------------------------------------------------------------------------------------------- training
+def train(cfg: Config, out_dir: Union[str, Path], resume: bool = True, progress: bool = True,
+          callback: Optional[Callback] = None) -> Dict[str, Any]:
+    """Train ``cfg`` writing ``out_dir/model.pt`` (checkpoint: model, optimizer, iteration, RNG states, history).
+
+    An existing ``model.pt`` in ``out_dir`` is resumed (exactly) when ``resume``. ``callback(iteration, terms)``
+    runs after every step (tests use it to interrupt). Under ``torchrun`` (WORLD_SIZE > 1) the global batch
+    ``batch_size`` is split over the processes and gradients are averaged by DistributedDataParallel.
+    Returns ``{"history": [...], "checkpoint": path, "iterations": n, "seconds": s}``.
+    """
+    import torch.distributed as dist
+
+    cfg.validate()
+    rank, world, local_rank = dist_env()
+    device = resolve_device(cfg, local_rank)
+    own_group = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        own_group = True
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        state = _setup(cfg, Path(out_dir), resume, rank, world, device)
+        return _loop(state, progress and rank == 0, callback)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+@dataclass
+class _State:
+    """Everything one training run carries between steps."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: Any
+    train_set: Any
+    val_set: Any
+    num_classes: int
+    ckpt_path: Path
+    start: int = 0
+    history: Dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
+    net: Optional[nn.Module] = None
+
+
+def _setup(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, device: torch.device) -> _State:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    train_set, val_set, num_classes = build_datasets(cfg)
+    model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, **cfg.model_args)
+    if cfg.init_checkpoint:
+        init_path = resolve_checkpoint_path(cfg.init_checkpoint)
+        ck = load_checkpoint(init_path)
+        check_compatible(ck, cfg.model, num_classes, init_path)
+        model.load_state_dict(ck["model"])
+    model.to(device)
+    opt = torch.optim.SGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_classifier_mult),
+                          lr=cfg.lr, momentum=cfg.momentum)
+    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.amp and device.type == "cuda"))
+    st = _State(cfg, rank, world, device, model, opt, scaler, train_set, val_set, num_classes, out_dir / "model.pt")
+    if resume and st.ckpt_path.is_file():
+        _resume(st)
+    st.net = model
+    if world > 1:
+        st.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return st
+
+
+def _resume(st: _State) -> None:
+    ck = load_checkpoint(st.ckpt_path)
+    check_compatible(ck, st.cfg.model, st.num_classes, st.ckpt_path)
+    if config_hash(Config.from_dict(ck["config"]), True) != config_hash(st.cfg, True):
+        raise ValueError(f"checkpoint {st.ckpt_path} was written by another config; remove it or use another "
+                         f"output folder")
+    st.model.load_state_dict(ck["model"])
+    st.opt.load_state_dict(ck["optimizer"])
+    st.scaler.load_state_dict(ck["scaler"])
+    st.start, st.history = int(ck["iteration"]), ck["history"]
+    set_rng_state(ck["rng"][st.rank] if isinstance(ck["rng"], list) else ck["rng"])
+
+
+def _save(st: _State, it: int) -> None:
+    """Checkpoint at iteration ``it`` (rank 0 writes; under DDP every rank's RNG state is kept)."""
+    import torch.distributed as dist
+
+    rngs: Any = rng_state()
+    if st.world > 1:
+        gathered: List[Any] = [None] * st.world
+        dist.all_gather_object(gathered, rngs)
+        rngs = gathered
+    if st.rank == 0:
+        atomic_save({"config": st.cfg.to_dict(), "model_name": st.cfg.model, "num_classes": st.num_classes,
+                     "model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
+                     "scaler": st.scaler.state_dict(), "iteration": it, "rng": rngs, "history": st.history},
+                    st.ckpt_path)
+    if st.world > 1:
+        dist.barrier()
+
+
+def _validate(st: _State, it: int) -> None:
+    """Periodic validation on rank 0 (the others wait): mIoU, and the NC energy with ``val_nc``."""
+    import torch.distributed as dist
+
+    from ..evaluate import evaluate
+
+    cfg = st.cfg
+    if st.rank == 0:
+        res = evaluate(st.model, st.val_set, st.num_classes, device=st.device, max_images=cfg.val_max_images or None,
+                       nc_energy=cfg.val_nc, sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
+        st.history["val"].append({"iteration": it, "miou": round(res["miou"], 5),
+                                  **({"nc": round(res["nc_energy"], 5)} if cfg.val_nc else {})})
+        st.model.train()
+    if st.world > 1:
+        dist.barrier()
+
+
+def _loader(st: _State) -> torch.utils.data.DataLoader:
+    cfg = st.cfg
+    sampler = StreamSampler(len(st.train_set), cfg.batch_size, cfg.seed, st.start, cfg.iterations, st.rank, st.world)
+    return torch.utils.data.DataLoader(SeededDataset(st.train_set, cfg.cache_data), batch_sampler=sampler,
+                                       num_workers=cfg.num_workers, collate_fn=collate,
+                                       pin_memory=st.device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _step(st: _State, batch: Dict[str, Any], it: int) -> Dict[str, float]:
+    """One SGD step at iteration ``it``; the float loss terms. NonFiniteLossError before a NaN is applied."""
+    cfg = st.cfg
+    for g in st.opt.param_groups:
+        g["lr"] = poly_lr(cfg, it) * g["lr_mult"]
+    images, target, scrib, roi = batch_targets(batch, cfg, st.device)
+    with torch.autocast(device_type=st.device.type, dtype=torch.float16, enabled=st.scaler.is_enabled()):
+        logits = st.net(images)
+    terms = loss_terms(logits, images, target, scrib, roi, cfg)
+    vals = {k: float(v.detach()) for k, v in terms.items()}
+    if not all(math.isfinite(v) for v in vals.values()):
+        raise NonFiniteLossError(f"non-finite loss at iteration {it}: {vals}")
+    st.opt.zero_grad(set_to_none=True)
+    st.scaler.scale(terms["total"]).backward()
+    st.scaler.step(st.opt)
+    st.scaler.update()
+    return vals
+
+
+def _after_step(st: _State, it: int, vals: Dict[str, float]) -> None:
+    """Bookkeeping once iteration ``it`` is done (``done = it + 1`` iterations): log, validate, checkpoint."""
+    cfg, done = st.cfg, it + 1
+    if it % cfg.log_every == 0 or done == cfg.iterations:
+        st.history["train"].append({"iteration": done, **{k: round(v, 5) for k, v in vals.items()}})
+    if cfg.val_every and done % cfg.val_every == 0 and done < cfg.iterations:
+        _validate(st, done)
+    if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.iterations:
+        _save(st, done)
+
+
+def _loop(st: _State, progress: bool, callback: Optional[Callback]) -> Dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    cfg = st.cfg
+    loader = _loader(st)
+    st.model.train()
+    t0, done = time.time(), st.start
+    bar = tqdm(total=cfg.iterations, initial=st.start, disable=not progress, desc=cfg.name, dynamic_ncols=True)
+    try:
+        for it, batch in enumerate(loader, start=st.start):
+            vals = _step(st, batch, it)
+            _after_step(st, it, vals)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()}, refresh=False)
+            if callback is not None:
+                callback(it + 1, vals)
+            done = it + 1
+    except KeyboardInterrupt:
+        _save(st, done)  # Ctrl-C: keep the finished iterations
+        raise
+    finally:
+        bar.close()
+    if cfg.val_every and (not st.history["val"] or st.history["val"][-1]["iteration"] != cfg.iterations):
+        _validate(st, cfg.iterations)
+    _save(st, cfg.iterations)
+    return {"history": st.history, "checkpoint": str(st.ckpt_path), "iterations": cfg.iterations,
+            "seconds": round(time.time() - t0, 1)}

@@ -1,0 +1,134 @@
+"""Train, then score: :func:`train_and_evaluate` (one folder), and :func:`run`, the results cache over it.
+
+``results/<name>-<hash of config>/`` holds ``metrics.json`` (config, final scores, a thinned training history; a
+few kB, meant to be committed; notebooks render from it) and ``model.pt`` (the checkpoint; git-ignored).
+
+``metrics.json`` keys: ``name``, ``hash``, ``config`` (:meth:`Config.to_dict`), ``checkpoint``, ``train_seconds``,
+``history`` ({"train": [...], "val": [...]}), ``val`` (single scale, no flip: the scores the notebooks tabulate)
+and, when the config asks for other ``eval_scales`` or ``eval_flip``, ``val_msc`` (multi-scale / flip testing).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Union
+
+from .checkpoint import load_model
+from .config import Config, config_hash
+from .loop import dist_env, resolve_device, train
+from .stream import build_datasets
+
+__all__ = ["results_root", "run_dir", "run", "train_and_evaluate", "score"]
+
+
+def results_root() -> Path:
+    """``$NCLIB_RESULTS``, else ``<repo>/results`` in a source checkout, else ``./results``."""
+    env = os.environ.get("NCLIB_RESULTS")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2]
+    return repo / "results" if (repo / "pyproject.toml").is_file() else Path.cwd() / "results"
+
+
+def run_dir(cfg: Config) -> Path:
+    """``results_root() / "<name>-<config_hash>"``: where :func:`run` keeps ``cfg``'s result."""
+    return results_root() / f"{cfg.name}-{config_hash(cfg)}"
+
+
+def score(cfg: Config, checkpoint: Union[str, Path]) -> Dict[str, Any]:
+    """The final scores of a checkpoint under ``cfg``'s evaluation settings, on ``cfg``'s val split.
+
+    ``val``: single scale, no flip (with ``eval_crf`` / ``eval_nc`` / ``eval_kmeans`` as asked); ``val_msc``: with
+    ``eval_scales`` / ``eval_flip`` when they differ from single-scale testing.
+    """
+    from ..evaluate import evaluate
+
+    model, _ = load_model(checkpoint, device=resolve_device(cfg, 0))
+    _, val_set, num_classes = build_datasets(cfg)
+    device = next(model.parameters()).device
+    out = {"val": evaluate(model, val_set, num_classes, device=device, scales=(1.0,), flip=False, crf=cfg.eval_crf,
+                           crf_kwargs=cfg.crf_args, nc_energy=cfg.eval_nc, sigma_rgb=cfg.sigma_rgb,
+                           sigma_xy=cfg.sigma_xy, kmeans_energy=cfg.eval_kmeans)}
+    if tuple(cfg.eval_scales) != (1.0,) or cfg.eval_flip:
+        out["val_msc"] = evaluate(model, val_set, num_classes, device=device, scales=cfg.eval_scales,
+                                  flip=cfg.eval_flip, crf=cfg.eval_crf, crf_kwargs=cfg.crf_args)
+    return out
+
+
+def train_and_evaluate(cfg: Config, out_dir: Union[str, Path], resume: bool = True,
+                       progress: bool = True) -> Dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there when ``resume``), score it, write
+    ``out_dir/metrics.json`` atomically and return its content (see the module docstring for the keys).
+
+    ``checkpoint`` in the result is relative to :func:`results_root` when ``out_dir`` is a folder of it (so it can
+    serve as a stage-2 ``init_checkpoint`` on any machine), else the path as given. Under ``torchrun`` only rank 0
+    scores and writes; the other ranks return ``{}``.
+    """
+    out_dir = Path(out_dir)
+    tr = train(cfg, out_dir, resume=resume, progress=progress)
+    if dist_env()[0] != 0:
+        return {}
+    ckpt = out_dir / "model.pt"
+    in_cache = out_dir.resolve().parent == results_root().resolve()
+    res: Dict[str, Any] = {"name": cfg.name, "hash": config_hash(cfg), "config": cfg.to_dict(),
+                           "checkpoint": f"{out_dir.name}/model.pt" if in_cache else str(ckpt),
+                           "train_seconds": tr["seconds"], "history": _thin(tr["history"])}
+    res.update(score(cfg, ckpt))
+    metrics_path = out_dir / "metrics.json"
+    tmp = metrics_path.with_name("metrics.json.tmp")
+    tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
+    os.replace(tmp, metrics_path)
+    return res
+
+
+def run(cfg: Union[Config, Dict[str, Any]], force: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Train and evaluate ``cfg`` once; later calls return the stored ``metrics.json`` (unless ``force``).
+
+    Stored under :func:`run_dir` by :func:`train_and_evaluate`. An interrupted run resumes from its checkpoint.
+    """
+    cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
+    out = run_dir(cfg)
+    metrics_path = out / "metrics.json"
+    if metrics_path.is_file() and not force:  # cached: read without taking the lock
+        return json.loads(metrics_path.read_text())
+    with _run_lock(out):
+        if metrics_path.is_file() and not force:  # another process finished it while we waited
+            return json.loads(metrics_path.read_text())
+        if force and (out / "model.pt").is_file():
+            (out / "model.pt").unlink()
+        return train_and_evaluate(cfg, out, resume=True, progress=progress)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """One process at a time per results folder (a second one waits, then finds the stored result).
+
+    An OS lock (released when the holder dies); skipped under torchrun, where every rank runs the same config.
+    """
+    if dist_env()[1] > 1:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _thin(history: Dict[str, list], keep: int = 40) -> Dict[str, list]:
+    """At most ``keep`` training-loss points (evenly spaced, last kept) so metrics.json stays small."""
+    tr = history["train"]
+    if len(tr) > keep:
+        step = math.ceil(len(tr) / keep)
+        tr = tr[::step] + ([tr[-1]] if (len(tr) - 1) % step else [])
+    return {"train": tr, "val": history["val"]}
