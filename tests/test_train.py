@@ -218,6 +218,29 @@ def test_cli_train_and_evaluate(tiny_root, tmp_path, capsys):
     assert "lamda" in capsys.readouterr().err
 
 
+def test_cli_out_and_run_store_the_same_scores(tiny_root, tmp_path, monkeypatch, capsys):
+    """One train-then-score path: `train --out` and run() give the same metrics.json (val: single scale)."""
+    from nclib.__main__ import main
+
+    monkeypatch.setenv("NCLIB_RESULTS", str(tmp_path / "results"))
+    cfg = tiny_cfg(tiny_root, iterations=2, eval_scales=[0.75, 1.0], eval_flip=True, eval_kmeans=True)
+    cached = run(cfg, progress=False)
+    y = tmp_path / "c.yaml"
+    y.write_text(json.dumps(cfg.to_dict()))
+    assert main(["train", "--config", str(y), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert printed == {k: v for k, v in stored.items() if k != "history"}
+    for res in (cached, stored):
+        assert {"val", "val_msc", "config", "hash"} <= set(res) and "kmeans_energy" in res["val"]
+    assert stored["val"] == cached["val"] and stored["val_msc"] == cached["val_msc"]
+    assert stored["history"] == cached["history"] and stored["hash"] == cached["hash"]
+    assert stored["checkpoint"] == str(tmp_path / "o" / "model.pt")
+    assert cached["checkpoint"] == f"tiny-{config_hash(cfg)}/model.pt"
+    # single scale and multi-scale + flip testing are different numbers: val is not the multi-scale result
+    assert stored["val"]["iou"] != stored["val_msc"]["iou"]
+
+
 def test_nc_present_only_leaves_absent_labels_alone():
     from nclib.losses import normalized_cut_loss
 
