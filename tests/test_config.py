@@ -88,6 +88,7 @@ BAD = [
     ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": "0"}, "seed"), ({"seed": 2**40}, "seed"),
     ({"eval_scales": []}, "eval_scales"), ({"eval_scales": [1, -0.5]}, "eval_scales"),
     ({"crf_args": {"foo": 1}}, r"crf_args has unknown keys \['foo'\]"), ({"crf_args": [1]}, "crf_args"),
+    ({"crf_args": {"bi_w": "4"}}, r"crf_args\['bi_w'\]"), ({"crf_args": {"normalization": 1}}, "normalization"),
     ({"name": "../escape"}, "name"), ({"name": "a/b"}, "name"), ({"name": ""}, "name"), ({"name": ".."}, "name"),
     ({"name": 3}, "name"), ({"device": "gpu"}, "device"), ({"device": 0}, "device"),
     ({"num_workers": -1}, "num_workers"), ({"threads": -2}, "threads"), ({"val_every": -1}, "val_every"),
@@ -109,9 +110,10 @@ def test_bad_field_is_named_at_load(kw, msg):
 def test_good_values_at_the_edges_pass():
     cfg = Config.from_dict({"momentum": 0, "poly_power": 0, "seed": 2**32 - 1, "name": "default-nc-lam0.4",
                             "device": "cuda:1", "pretrained": "imagenet", "eval_scales": [0.5, 0.75, 1],
-                            "crf_args": {"bi_w": 4.0, "iterations": 5}, "scale_range": [1, 1], "nc_scale": 1})
+                            "crf_args": {"bi_w": 4.0, "iterations": 5, "normalization": "symmetric"}, "scale_range": [1, 1], "nc_scale": 1})
     assert cfg.eval_scales == (0.5, 0.75, 1.0) and cfg.nc_scale == 1.0
     assert Config.from_dict({"root": Path("/data/voc")}).root == "/data/voc"
+    Config(scale_range=[0.5, 1.5], eval_scales=[1.0]).validate()  # built directly, lists are fine too
 
 
 def test_yaml_with_a_bad_field_names_it(tmp_path):

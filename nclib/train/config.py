@@ -245,11 +245,11 @@ def _pretrained(key: str, v: Any) -> None:
 
 def _scales(n: Optional[int]) -> Callable[[str, Any], None]:
     def check(key: str, v: Any) -> None:
-        ok = isinstance(v, tuple) and (len(v) == n if n else len(v) >= 1)
+        ok = isinstance(v, (tuple, list)) and (len(v) == n if n else len(v) >= 1)
         ok = ok and all(_is_number(x) and math.isfinite(x) and x > 0 for x in v)
         if not ok:
             what = f"{n} numbers > 0" if n else "a non-empty list of numbers > 0"
-            raise ValueError(f"{key} must be {what}, got {list(v) if isinstance(v, tuple) else v!r}")
+            raise ValueError(f"{key} must be {what}, got {list(v) if isinstance(v, (tuple, list)) else v!r}")
         if n == 2 and v[0] > v[1]:
             raise ValueError(f"{key} must be [low, high] with low <= high, got {list(v)}")
     return check
@@ -276,6 +276,9 @@ def _crf_args(key: str, v: Any) -> None:
     unknown = sorted(set(v) - set(allowed))
     if unknown:
         raise ValueError(f"{key} has unknown keys {unknown}; nclib.crf.dense_crf takes {allowed}")
+    for k, x in v.items():  # dense_crf checks the ranges; the types are caught here, before the training
+        if not (isinstance(x, str) if k == "normalization" else _is_number(x)):
+            raise ValueError(f"{key}[{k!r}] must be a {'string' if k == 'normalization' else 'number'}, got {x!r}")
 
 
 _RULES: Dict[str, Callable[[str, Any], None]] = {
