@@ -128,3 +128,18 @@ def test_results_root_is_the_repository_folder(monkeypatch):
 
     monkeypatch.delenv("NCLIB_RESULTS", raising=False)
     assert results_root() == REPO / "results"  # where the committed runs are; elsewhere the notebooks retrain
+
+
+def test_parse_errors_name_the_file(tmp_path, monkeypatch):
+    from nclib.train import run, run_dir
+
+    y = tmp_path / "bad.yaml"
+    y.write_text("lr: [0.1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML"):
+        Config.from_yaml(y)
+    monkeypatch.setenv("NCLIB_RESULTS", str(tmp_path / "results"))
+    cfg = Config(name="corrupt")
+    run_dir(cfg).mkdir(parents=True)
+    (run_dir(cfg) / "metrics.json").write_text('{"val": ')
+    with pytest.raises(ValueError, match=r"corrupt-[0-9a-f]{8}/metrics\.json is not valid JSON"):
+        run(cfg)

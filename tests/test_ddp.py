@@ -45,3 +45,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert moved > 1e-3
     # rank 0 logs the loss of its half-batch; the per-image mean makes the mean of both halves the global loss
     assert len(b["history"]["train"]) == len(single["history"]["train"])
+    # train --out scores once (rank 0) and stores the same record as the results cache
+    stored = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert stored["config"] == cfg.to_dict() and 0 <= stored["val"]["miou"] <= 1
+    assert json.loads(proc.stdout) == {k: v for k, v in stored.items() if k != "history"}  # printed once

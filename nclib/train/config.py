@@ -113,7 +113,10 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} not found")
-        d = yaml.safe_load(path.read_text()) or {}
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(d, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(d).__name__}")
         return cls.from_dict(d)

@@ -93,13 +93,20 @@ def run(cfg: Union[Config, Dict[str, Any]], force: bool = False, progress: bool 
     out = run_dir(cfg)
     metrics_path = out / "metrics.json"
     if metrics_path.is_file() and not force:  # cached: read without taking the lock
-        return json.loads(metrics_path.read_text())
+        return _read_metrics(metrics_path)
     with _run_lock(out):
         if metrics_path.is_file() and not force:  # another process finished it while we waited
-            return json.loads(metrics_path.read_text())
+            return _read_metrics(metrics_path)
         if force and (out / "model.pt").is_file():
             (out / "model.pt").unlink()
         return train_and_evaluate(cfg, out, resume=True, progress=progress)
+
+
+def _read_metrics(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); remove it, or pass force=True to run again") from None
 
 
 @contextlib.contextmanager
