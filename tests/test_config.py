@@ -46,6 +46,7 @@ def test_legacy_key_is_an_alias_with_the_same_hash():
     old, new = Config.from_dict({"loss_scale": 0.5}), Config.from_dict({"nc_scale": 0.5})
     assert old == new and old.nc_scale == 0.5 and "loss_scale" not in new.to_dict()
     assert config_hash(old) == config_hash(new) != config_hash(Config())
+    assert Config().replace(loss_scale=0.5) == new  # old notebooks' .replace(loss_scale=...) keeps working
     with pytest.raises(ValueError, match="'loss_scale' is the old name of 'nc_scale'"):
         Config.from_dict({"loss_scale": 0.5, "nc_scale": 0.5})
 

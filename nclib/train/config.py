@@ -122,7 +122,8 @@ class Config:
         return cls.from_dict(d)
 
     def replace(self, **kw) -> "Config":
-        return Config.from_dict({**self.to_dict(), **kw})
+        """A validated copy with ``kw`` changed (legacy key names accepted)."""
+        return Config.from_dict({**self.to_dict(), **_rename_legacy(kw)})
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
