@@ -29,9 +29,9 @@ def batch_of(cfg: Config, n: int):
     return collate([ds[(i, i)] for i in range(n)]), num_classes
 
 
-def step_time(cfg: Config, batch, k: int, device: torch.device, repeats: int, warmup: int = 2) -> float:
+def step_time(cfg: Config, batch, num_classes: int, device: torch.device, repeats: int, warmup: int = 2) -> float:
     torch.manual_seed(0)
-    model = build_model(cfg.model, k).to(device).train()
+    model = build_model(cfg.model, num_classes).to(device).train()
     opt = torch.optim.SGD(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
     images, target, scrib, roi = batch_targets(batch, cfg, device)
     use_amp = device.type == "cuda"
@@ -65,23 +65,23 @@ def main() -> None:
     torch.set_num_threads(2)
     base = Config(model="small", crop=args.crop, scale_range=(1.0, 1.0), flip=False, sigma_xy=args.sigma_xy,
                   batch_size=args.batch, lr=0.01)
-    batch, k = batch_of(base, args.batch)
+    batch, num_classes = batch_of(base, args.batch)
     cpu = torch.device("cpu")
     rows = []
-    t_ce = step_time(base, batch, k, cpu, args.repeats)
+    t_ce = step_time(base, batch, num_classes, cpu, args.repeats)
     rows.append(("small", "cpu (2 threads)", args.batch, args.crop, "pCE", "-", t_ce, 1.0))
     for scale in (1.0, 0.5):
         cfg = base.replace(nc_weight=1.6, nc_scale=scale)
-        t = step_time(cfg, batch, k, cpu, args.repeats)
+        t = step_time(cfg, batch, num_classes, cpu, args.repeats)
         rows.append(("small", "cpu (2 threads)", args.batch, args.crop, "pCE + NC", scale, t, t / t_ce))
     if args.gpu and torch.cuda.is_available():
         gcfg = base.replace(model="resnet101_aspp", crop=321, batch_size=10, sigma_rgb=12.0, sigma_xy=60.0)
         gbatch, _ = batch_of(gcfg.replace(scale_range=[3.0, 3.0]), 10)
         dev = torch.device("cuda")
-        g_ce = step_time(gcfg, gbatch, k, dev, args.repeats)
+        g_ce = step_time(gcfg, gbatch, num_classes, dev, args.repeats)
         rows.append(("resnet101_aspp", torch.cuda.get_device_name(), 10, 321, "pCE (AMP)", "-", g_ce, 1.0))
         for scale in (1.0, 0.5):
-            t = step_time(gcfg.replace(nc_weight=1.6, nc_scale=scale), gbatch, k, dev, args.repeats)
+            t = step_time(gcfg.replace(nc_weight=1.6, nc_scale=scale), gbatch, num_classes, dev, args.repeats)
             rows.append(("resnet101_aspp", torch.cuda.get_device_name(), 10, 321, "pCE + NC (AMP)", scale, t,
                          t / g_ce))
     lines = [
