@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from test_train import make_tiny_voc
 
 from nclib.models import build_model
 from nclib.train import Config, train
-from test_train import make_tiny_voc
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
