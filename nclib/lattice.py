@@ -8,7 +8,8 @@ onto the D+1 vertices of its enclosing simplex, blurring along the D+1 lattice a
 * :class:`Permutohedral` builds the lattice once per batch; ``.filter`` applies it to any number of channels.
 * :func:`gaussian_filter` is the one-call, autograd-aware form; :func:`exact_gaussian_filter` the O(N^2) reference.
 * :class:`LatticeState` names the tensors a build returns (``Permutohedral.state``); the kernels and their build
-  kinds live in ``nclib._ext``.
+  kinds live in ``nclib._ext``, whose docstring states what is bitwise equal between the CPU and CUDA builds (the
+  lattice, blur and slice) and what only to float rounding (the splat's sums, hence filter outputs).
 
 Scale: the unnormalized lattice output is not calibrated to the exact Gaussian sum (about 0.55 of it on RGBXY
 images, varying about 10% across pixels, as in every permutohedral implementation). Ratios such as
@@ -26,6 +27,7 @@ from ._checks import check_finite, check_positive, check_rank, check_same_device
 __all__ = [
     "rgbxy_features",
     "xy_features",
+    "feature_dtype",
     "Permutohedral",
     "gaussian_filter",
     "exact_gaussian_filter",
@@ -43,31 +45,40 @@ MAX_FEATURES = 16
 MAX_FEATURE_VALUE = 1e6
 
 
-def _coords(batch: int, height: int, width: int, device) -> torch.Tensor:
-    """(B, 2, H, W) float32 pixel coordinates (x, y): exact integers up to 2^24 whatever the image dtype."""
-    ys = torch.arange(height, device=device, dtype=torch.float32)
-    xs = torch.arange(width, device=device, dtype=torch.float32)
+def feature_dtype(images: torch.Tensor) -> torch.dtype:
+    """float64 for float64 images (exact references), float32 for every other dtype (the kernels' precision).
+
+    Never the image's own low precision: in bf16 / fp16 pixel coordinates past 256 / 2048 px round by whole pixels.
+    """
+    return torch.float64 if images.dtype == torch.float64 else torch.float32
+
+
+def _coords(batch: int, height: int, width: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 2, H, W) pixel coordinates (x, y), float32 or float64: exact integers at any image size."""
+    ys = torch.arange(height, device=device, dtype=dtype)
+    xs = torch.arange(width, device=device, dtype=dtype)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([xx, yy]).unsqueeze(0).expand(batch, 2, height, width)
 
 
 def xy_features(images: torch.Tensor, sigma_xy: float) -> torch.Tensor:
-    """Spatial features ``(x / sigma_xy, y / sigma_xy)``, (B, 2, H, W) float32, for any (B, C, H, W) ``images``.
+    """Spatial features ``(x / sigma_xy, y / sigma_xy)``, (B, 2, H, W), for any (B, C, H, W) ``images``.
 
-    Pixel coordinates are in pixels; only the size, device and batch of ``images`` are used. Always float32 (the
-    kernels' precision): in bf16 / fp16 coordinates past 256 / 2048 px would round by whole pixels.
+    Pixel coordinates are in pixels; only the size, device, batch and dtype of ``images`` are used. The features
+    are float32 whatever the image dtype (float64 for float64 images): see :func:`feature_dtype`.
     """
     check_rank("images", images, 4, "(B, C, H, W)")
     check_positive("sigma_xy", sigma_xy)
     b, _, h, w = images.shape
-    return _coords(b, h, w, images.device) / sigma_xy
+    return _coords(b, h, w, images.device, feature_dtype(images)) / sigma_xy
 
 
 def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
-    """Bilateral features ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``, (B, 5, H, W) float32.
+    """Bilateral features ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``, (B, 5, H, W).
 
     Args:
-        images: (B, 3, H, W), RGB in 0..255 (any real dtype; features are computed in float32 whatever it is).
+        images: (B, 3, H, W), RGB in 0..255, any real dtype: features are computed and returned in float32 (float64
+            for float64 images, for exact references), never in bf16 / fp16 (see :func:`feature_dtype`).
         sigma_rgb: colour bandwidth in 0..255 units.
         sigma_xy: spatial bandwidth in pixels.
     """
@@ -76,7 +87,7 @@ def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> t
         raise ValueError(f"images must have 3 (RGB) channels, got shape {tuple(images.shape)}")
     check_positive("sigma_rgb", sigma_rgb)
     check_finite("images", images)
-    return torch.cat([xy_features(images, sigma_xy), images.float() / sigma_rgb], dim=1)
+    return torch.cat([xy_features(images, sigma_xy), images.to(feature_dtype(images)) / sigma_rgb], dim=1)
 
 
 def to_pixel_major(t: torch.Tensor) -> torch.Tensor:

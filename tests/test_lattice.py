@@ -203,13 +203,14 @@ def test_features_are_float32_whatever_the_image_dtype():
     # bf16 holds integers exactly only up to 256: at 2000 px, coordinates in the image's dtype were up to 4 px off
     img = (torch.rand(1, 3, 2, 2000) * 255).round().to(torch.bfloat16)
     x = torch.arange(2000, dtype=torch.float64)
-    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.uint8):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.uint8):
         im = img.to(dtype)
+        want = torch.float64 if dtype == torch.float64 else torch.float32  # float64 kept for exact references
         f1 = xy_features(im, 1.0)
-        assert f1.dtype == torch.float32
+        assert f1.dtype == want
         assert torch.equal(f1[0, 0, 1].double(), x) and torch.equal(f1[0, 1, :, 7].double(), torch.tensor([0.0, 1.0]))
         f = rgbxy_features(im, 15.0, 80.0)
-        assert f.dtype == torch.float32
+        assert f.dtype == want
         assert float((f[0, 0, 0].double() * 80 - x).abs().max()) < 2e-4  # float32 rounding of x / 80, no more
         torch.testing.assert_close(f[:, 2:].double() * 15, im.double(), rtol=1e-6, atol=0)
 
