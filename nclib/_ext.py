@@ -18,7 +18,7 @@ process dies, so a killed build never blocks the next one (torch's own ``lock`` 
 it can only be stale then). Where neither exists builds are not serialised (see :data:`LOCK_KIND`).
 
 What is bitwise equal between the ``"cpu"`` and ``"cuda"`` builds (both compiled without multiply-add contraction:
-g++ ``-ffp-contract=off`` for host code, nvcc ``-fmad=false`` for device code, no ``--use_fast_math`` so no
+g++ ``-ffp-contract=off`` for host code, nvcc ``-fmad=false`` for device code, no fast-math option, so no
 flush of subnormals):
 
 * the lattice, i.e. every :class:`LatticeState` field but the splat CSR: vertex numbering (image by image, in the
@@ -123,7 +123,7 @@ def cxx_flags(kind: str) -> list[str]:
 
 def cuda_flags() -> list[str]:
     """nvcc flags of the ``"cuda"`` kernel: no FMA contraction in device (-fmad=false) nor host code, and no
-    ``--use_fast_math`` (it flushes subnormals to zero on the GPU only)."""
+    nvcc fast-math option (it flushes subnormals to zero on the GPU only)."""
     return ["-O3", "-fmad=false", "-Xcompiler", "-ffp-contract=off"]
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nclib import Permutohedral, _ext, gaussian_filter, rgbxy_features, xy_features
-from nclib.lattice import LatticeState
+from nclib import _ext
+from nclib.lattice import LatticeState, Permutohedral, gaussian_filter, rgbxy_features, xy_features
 from nclib.photos import BUNDLED as PHOTOS
 from nclib.photos import photo_tensor
 
