@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NB_ENV := MPLBACKEND=agg TQDM_DISABLE=1 PYTHONHASHSEED=0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: setup test unit nbval figures bench cuda-check gpu-check data clean
+.PHONY: setup test unit nbval figures bench cuda-check gpu-check data clean lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: setup
 	$(BIN)/python scripts/bench_lattice.py
 	$(BIN)/python scripts/bench_losses.py
 	$(BIN)/python scripts/bench_train.py
+
+# Static checks (pyflakes, import order, complexity <= 15, bugbear): configured in pyproject.toml [tool.ruff].
+lint:
+	$(BIN)/ruff check nclib tests scripts
 
 # Compile-only check of the CUDA sources with nvcc (no GPU needed); skipped where nvcc is absent.
 cuda-check: setup

@@ -7,6 +7,9 @@ onto the D+1 vertices of its enclosing simplex, blurring along the D+1 lattice a
 * :func:`rgbxy_features`, :func:`xy_features` scale images/coordinates into such features.
 * :class:`Permutohedral` builds the lattice once per batch; ``.filter`` applies it to any number of channels.
 * :func:`gaussian_filter` is the one-call, autograd-aware form; :func:`exact_gaussian_filter` the O(N^2) reference.
+* :class:`LatticeState` names the tensors a build returns (``Permutohedral.state``); the kernels and their build
+  kinds live in ``nclib._ext``, whose docstring states what is bitwise equal between the CPU and CUDA builds (the
+  lattice, blur and slice) and what only to float rounding (the splat's sums, hence filter outputs).
 
 Scale: the unnormalized lattice output is not calibrated to the exact Gaussian sum (about 0.55 of it on RGBXY
 images, varying about 10% across pixels, as in every permutohedral implementation). Ratios such as
@@ -24,13 +27,17 @@ from ._checks import check_finite, check_positive, check_rank, check_same_device
 __all__ = [
     "rgbxy_features",
     "xy_features",
+    "feature_dtype",
     "Permutohedral",
     "gaussian_filter",
     "exact_gaussian_filter",
     "relative_rms_error",
     "to_pixel_major",
     "MAX_FEATURES",
+    "LatticeState",
 ]
+
+LatticeState = _ext.LatticeState
 
 #: Largest feature dimension the compiled kernels accept.
 MAX_FEATURES = 16
@@ -38,7 +45,16 @@ MAX_FEATURES = 16
 MAX_FEATURE_VALUE = 1e6
 
 
-def _coords(batch: int, height: int, width: int, device, dtype) -> torch.Tensor:
+def feature_dtype(images: torch.Tensor) -> torch.dtype:
+    """float64 for float64 images (exact references), float32 for every other dtype (the kernels' precision).
+
+    Never the image's own low precision: in bf16 / fp16 pixel coordinates past 256 / 2048 px round by whole pixels.
+    """
+    return torch.float64 if images.dtype == torch.float64 else torch.float32
+
+
+def _coords(batch: int, height: int, width: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 2, H, W) pixel coordinates (x, y), float32 or float64: exact integers at any image size."""
     ys = torch.arange(height, device=device, dtype=dtype)
     xs = torch.arange(width, device=device, dtype=dtype)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
@@ -48,20 +64,21 @@ def _coords(batch: int, height: int, width: int, device, dtype) -> torch.Tensor:
 def xy_features(images: torch.Tensor, sigma_xy: float) -> torch.Tensor:
     """Spatial features ``(x / sigma_xy, y / sigma_xy)``, (B, 2, H, W), for any (B, C, H, W) ``images``.
 
-    Pixel coordinates are in pixels; only the size, device and batch of ``images`` are used.
+    Pixel coordinates are in pixels; only the size, device, batch and dtype of ``images`` are used. The features
+    are float32 whatever the image dtype (float64 for float64 images): see :func:`feature_dtype`.
     """
     check_rank("images", images, 4, "(B, C, H, W)")
     check_positive("sigma_xy", sigma_xy)
     b, _, h, w = images.shape
-    dtype = images.dtype if images.is_floating_point() else torch.float32
-    return _coords(b, h, w, images.device, dtype) / sigma_xy
+    return _coords(b, h, w, images.device, feature_dtype(images)) / sigma_xy
 
 
 def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
     """Bilateral features ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``, (B, 5, H, W).
 
     Args:
-        images: (B, 3, H, W), RGB in 0..255 (any real dtype).
+        images: (B, 3, H, W), RGB in 0..255, any real dtype: features are computed and returned in float32 (float64
+            for float64 images, for exact references), never in bf16 / fp16 (see :func:`feature_dtype`).
         sigma_rgb: colour bandwidth in 0..255 units.
         sigma_xy: spatial bandwidth in pixels.
     """
@@ -70,8 +87,7 @@ def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> t
         raise ValueError(f"images must have 3 (RGB) channels, got shape {tuple(images.shape)}")
     check_positive("sigma_rgb", sigma_rgb)
     check_finite("images", images)
-    img = images if images.is_floating_point() else images.float()
-    return torch.cat([xy_features(img, sigma_xy), img / sigma_rgb], dim=1)
+    return torch.cat([xy_features(images, sigma_xy), images.to(feature_dtype(images)) / sigma_rgb], dim=1)
 
 
 def to_pixel_major(t: torch.Tensor) -> torch.Tensor:
@@ -100,12 +116,14 @@ class Permutohedral:
         features: (B, D, H, W) real tensor, 1 <= D <= :data:`MAX_FEATURES`, already divided by the bandwidths
             (see :func:`rgbxy_features`). Features get no gradient.
         roi: optional (B, H, W) bool; pixels where it is False (crop padding) are left out of the operator:
-            they neither contribute to nor receive any filtered value (their output is 0).
+            they neither contribute to nor receive any filtered value (their output is 0). None: every pixel.
+        kind: the ``nclib._ext`` build kind to run; default ``"cuda"`` for CUDA features, ``"cpu"`` otherwise.
+            ``"cuda-emulation"`` runs the CUDA kernel code on the host, on CPU features (tests, GPU rehearsals).
 
-    The lattice lives on the device of ``features`` (CPU kernel, or CUDA kernel when built for it).
+    The lattice lives on the device of ``features``; :attr:`state` holds its tensors (:class:`LatticeState`).
     """
 
-    def __init__(self, features: torch.Tensor, roi: Optional[torch.Tensor] = None):
+    def __init__(self, features: torch.Tensor, roi: Optional[torch.Tensor] = None, *, kind: Optional[str] = None):
         check_rank("features", features, 4, "(B, D, H, W)")
         b, d, h, w = features.shape
         if not 1 <= d <= MAX_FEATURES:
@@ -125,22 +143,29 @@ class Permutohedral:
                 raise ValueError(f"roi must have shape (B, H, W) = {(b, h, w)}, got {tuple(roi.shape)}")
             check_same_device("roi", roi, "features", features)
             roi_flat = roi.reshape(-1).to(torch.bool).contiguous()
+        default = _ext.kind_for(features.device)
+        kind = default if kind is None else kind
+        if kind not in _ext.BUILD_KINDS or (kind == "cuda") != features.is_cuda:
+            raise ValueError(
+                f"kind must be one of {_ext.BUILD_KINDS} and run on the features' device ({features.device}: "
+                f"{default!r}{' or cuda-emulation' if default == 'cpu' else ''}), got {kind!r}"
+            )
         self.shape = (b, d, h, w)
         self.device = features.device
         self.roi = roi_flat
-        self._ext = _ext.load("cuda" if features.is_cuda else "cpu")
-        f = to_pixel_major(features.detach())
-        empty = torch.empty(0, dtype=torch.bool, device=f.device)
-        state = self._ext.build(f, roi_flat if roi_flat is not None else empty, b)
-        # vertex index (P, D+1), barycentric weight (P, D+1), neighbours (V, D+1, 2),
-        # splat CSR (V+1), (nnz), vertices per image (B)
-        self._vtx, self._bary, self._nbr, self._csr_ptr, self._csr_idx, self.vertices_per_image = state
+        self.kind = kind
+        self.state: LatticeState = _ext.build_lattice(kind, to_pixel_major(features.detach()), roi_flat, b)
         self._norm: Optional[torch.Tensor] = None
 
     @property
     def num_vertices(self) -> int:
         """Occupied lattice vertices over the whole batch."""
-        return int(self._nbr.shape[0])
+        return self.state.num_vertices
+
+    @property
+    def vertices_per_image(self) -> torch.Tensor:
+        """(B,) int64 occupied vertices of each image."""
+        return self.state.vertices_per_image
 
     def apply_pixel_major(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """The raw operator on pixel-major values (B*H*W, C) float32 -> (B*H*W, C): no autograd, shape check only.
@@ -148,16 +173,15 @@ class Permutohedral:
         For inner loops (mean-field iterations) that keep their state in the kernels' layout; see
         :func:`to_pixel_major`.
         """
-        if values.dim() != 2 or values.shape[0] != self._vtx.shape[0] or values.dtype != torch.float32:
+        pixels = self.state.vertex_ids.shape[0]
+        if values.dim() != 2 or values.shape[0] != pixels or values.dtype != torch.float32:
             raise ValueError(
-                f"values must be float32 (B*H*W, C) = ({self._vtx.shape[0]}, C), got {values.dtype} {tuple(values.shape)}"
+                f"values must be float32 (B*H*W, C) = ({pixels}, C), got {values.dtype} {tuple(values.shape)}"
             )
         return self._apply(values.contiguous(), transpose)
 
     def _apply(self, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:
-        return self._ext.filter(
-            values_pm, self._vtx, self._bary, self._nbr, self._csr_ptr, self._csr_idx, bool(transpose), self.shape[0]
-        )
+        return _ext.apply_lattice(self.kind, self.state, values_pm, transpose)
 
     def _check_values(self, values: torch.Tensor) -> None:
         check_rank("values", values, 4, "(B, C, H, W)")

@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the nclib of this checkout, whatever PYTHONPATH says
+
+from nclib import _ext  # noqa: E402  (after the path set-up above)
+
 CSRC = ROOT / "nclib" / "csrc"
 
 
@@ -38,7 +42,7 @@ SHIM_TEXT = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
 
 def compile_commands(nvcc: str, arch: str, shim_dir: Path, out_dir: Path) -> dict[str, list[str]]:
     """Commands mirroring cpp_extension.load for nclib._ext.load("cuda") (see nclib/_ext.py and torch's
-    _write_ninja_file): the .cu through nvcc with -std=c++20 (torch's default for nvcc) and -O3 --use_fast_math;
+    _write_ninja_file): the .cu through nvcc with -std=c++20 (torch's default for nvcc) and nclib._ext.cuda_flags();
     the .cpp through the host C++ compiler with -std=c++17 (nclib's extra_cflags override torch's c++20).
 
     Host code is compiled at -O0: parsing and template instantiation are what can fail, and it keeps the check
@@ -69,8 +73,7 @@ def compile_commands(nvcc: str, arch: str, shim_dir: Path, out_dir: Path) -> dic
         "--compiler-options",
         "-fPIC",
         "-O0",
-        "--use_fast_math",
-        "-fmad=false",
+        *[f for f in _ext.cuda_flags() if not f.startswith("-O")],
         "-std=c++20",
         str(CSRC / "lattice_cuda.cu"),
         "-o",

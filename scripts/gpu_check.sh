@@ -51,7 +51,7 @@ step "2/4 build the CUDA kernel, the CPU kernel and the emulation (parallel)"
 LOGDIR=$(mktemp -d)
 "$PY" -c "from nclib import _ext; _ext.load('cuda')" >"$LOGDIR/cuda.log" 2>&1 & P1=$!
 "$PY" -c "from nclib import _ext; _ext.load('cpu')" >"$LOGDIR/cpu.log" 2>&1 & P2=$!
-"$PY" -c "import sys; sys.path.insert(0, 'tests'); import test_cuda; test_cuda._emulated_kernel()" \
+"$PY" -c "from nclib import _ext; _ext.load('cuda-emulation')" \
   >"$LOGDIR/emulated.log" 2>&1 & P3=$!
 FAIL=0
 for job in "cuda:$P1" "cpu:$P2" "emulated:$P3"; do

@@ -3,38 +3,31 @@
 Three layers, so that something runs on every machine:
 
 * host emulation (always): ``lattice_cuda.cu`` compiled as C++ with ``NCLIB_CUDA_EMULATE`` runs the very kernel
-  code, one host thread per launch (in reverse index order), on CPU tensors; it must rebuild the CPU kernel's
-  lattice (same vertices, ids, neighbours; weights to float rounding) and filter like it;
+  code, one host thread per launch (in reverse index order), on CPU tensors (``nclib._ext.load("cuda-emulation")``);
+  it must rebuild the CPU kernel's lattice bitwise (ids, weights, neighbours), blur and slice bitwise like it, and
+  filter like it to float rounding (the splat sums in another order): the equalities nclib._ext states;
 * compile check (where nvcc exists): ``scripts/cuda_check.py`` compiles the CUDA sources without a GPU;
 * GPU tests (a CUDA device and a CUDA build of torch; ``make gpu-check``): GPU against CPU on real photos, exact
   adjoint, autograd, losses and dense CRF.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-import nclib.lattice as lattice_mod
-from nclib.photos import BUNDLED as PHOTOS, photo_tensor
-from nclib import Permutohedral, gaussian_filter, rgbxy_features, xy_features
 from nclib import _ext
+from nclib.lattice import LatticeState, Permutohedral, gaussian_filter, rgbxy_features, xy_features
+from nclib.photos import BUNDLED as PHOTOS
+from nclib.photos import photo_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "nclib" / "csrc"
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of torch (make gpu-check)")
-
-STATE = ("_vtx", "_bary", "_nbr", "_csr_ptr", "_csr_idx", "vertices_per_image")
-# Barycentric weights are compared to float rounding: compilers that fuse multiply-adds of the embedding
-# differently (GCC -march=native without -ffp-contract=off; nvcc without -fmad=false) round them differently.
-BARY_ATOL = 1e-6
 
 
 def photo_batch(size: int, names=PHOTOS) -> torch.Tensor:
@@ -60,83 +53,40 @@ def reference_csr(vtx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ptr, valid[order].to(torch.int32)
 
 
-def assert_same_lattice(a: Permutohedral, b: Permutohedral, bary_atol: float = 0.0) -> None:
-    """Identical lattice state (vertex ids, neighbours, CSR; weights within ``bary_atol``), wherever each was built.
+def assert_same_lattice(a: Permutohedral, b: Permutohedral) -> None:
+    """Bitwise identical lattice state (every LatticeState field), wherever each was built.
 
-    The CPU build may return an empty CSR (it splats by scattering); then each non-empty CSR is checked against
+    The CPU build returns an empty splat CSR (it splats by scattering); then each non-empty CSR is checked against
     the one the contract defines from the vertex ids.
     """
-    for name in STATE:
-        ta, tb = getattr(a, name).cpu(), getattr(b, name).cpu()
-        if name.startswith("_csr") and min(ta.numel(), tb.numel()) == 0:
+    for name in LatticeState._fields:
+        ta, tb = getattr(a.state, name).cpu(), getattr(b.state, name).cpu()
+        if name.startswith("splat_") and min(ta.numel(), tb.numel()) == 0:
             continue
         assert ta.dtype == tb.dtype and ta.shape == tb.shape, (name, ta.shape, tb.shape)
-        if name == "_bary" and bary_atol > 0:
-            torch.testing.assert_close(ta, tb, rtol=0, atol=bary_atol)
-            continue
         assert torch.equal(ta, tb), f"{name} differs in {int((ta != tb).sum())} of {ta.numel()} entries"
     for lat in (a, b):
-        if lat._csr_ptr.numel() > 0:
-            ptr, idx = reference_csr(lat._vtx.cpu())
-            assert torch.equal(lat._csr_ptr.cpu(), ptr) and torch.equal(lat._csr_idx.cpu(), idx)
+        if lat.state.splat_ptr.numel() > 0:
+            ptr, idx = reference_csr(lat.state.vertex_ids.cpu())
+            assert torch.equal(lat.state.splat_ptr.cpu(), ptr) and torch.equal(lat.state.splat_entries.cpu(), idx)
 
 
 # --------------------------------------------------------------------------------------------- host emulation
 
 
-def _cpu_kernel_flags() -> list[str]:
-    """The flags nclib._ext gives the CPU kernel, so that the emulation rounds like it wherever possible."""
-    if hasattr(_ext, "cxx_flags"):
-        return list(_ext.cxx_flags("cpu"))
-    flags = ["-O3", "-std=c++17", "-fno-math-errno"]
-    if os.environ.get("NCLIB_NATIVE", "1") == "1":
-        flags.append("-march=native")
-    return flags
-
-
-def _emulated_kernel():
-    """Build (once, cached like the real kernels) the CUDA sources compiled for the host in emulation mode."""
-    from torch.utils.cpp_extension import load
-
-    _ext._check_toolchain(False)
-    files = [CSRC / "lattice_cuda.cu", CSRC / "lattice_cuda.cpp", *sorted(CSRC.glob("*.h"))]
-    flags = _cpu_kernel_flags()
-    digest = f"{_ext._sources_digest(files)[:8]}_{zlib.crc32(' '.join(flags).encode()):08x}"
-    name = f"nclib_lattice_cuda_emulated_{digest}"
-    build_dir = _ext.build_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with _ext._BuildLock(_ext.build_root() / f"{name}.flock"):
-        if (build_dir / "lock").exists():  # left over by a killed build: we hold the only real lock
-            (build_dir / "lock").unlink()
-        src = build_dir / "emulated.cpp"
-        text = '#define NCLIB_CUDA_EMULATE 1\n#include "lattice_cuda.cu"\n#include "lattice_cuda.cpp"\n'
-        if not src.exists() or src.read_text() != text:
-            src.write_text(text)
-        return load(
-            name=name,
-            sources=[str(src)],
-            extra_cflags=_cpu_kernel_flags(),
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(build_dir),
-        )
-
-
 @pytest.fixture(scope="module")
 def emulated():
+    """The ``cuda-emulation`` build of nclib._ext: the CUDA kernel code on the host, with the CPU kernel's flags."""
     try:
-        return _emulated_kernel()
+        return _ext.load("cuda-emulation")
     except _ext.ExtensionUnavailable as e:
         pytest.skip(f"no C++ toolchain: {e}")
 
 
 def build_with(kernel, features, roi=None) -> Permutohedral:
-    """A Permutohedral whose build and filter run on ``kernel`` (a loaded extension module)."""
-    orig = lattice_mod._ext.load
-    lattice_mod._ext.load = lambda kind="cpu": kernel
-    try:
-        return Permutohedral(features, roi=roi)
-    finally:
-        lattice_mod._ext.load = orig
+    """A Permutohedral built and filtered by the ``cuda-emulation`` kernel (``kernel``: its loaded module)."""
+    assert kernel is _ext.load("cuda-emulation")
+    return Permutohedral(features, roi=roi, kind="cuda-emulation")
 
 
 @pytest.mark.parametrize(
@@ -161,12 +111,12 @@ def test_emulated_kernel_builds_the_cpu_lattice(emulated, kind, roi):
     cpu = Permutohedral(f, roi=r)
     emu = build_with(emulated, f, roi=r)
     assert cpu.num_vertices > 10 * img.shape[0]
-    assert_same_lattice(cpu, emu, bary_atol=BARY_ATOL)
+    assert_same_lattice(cpu, emu)
     if kind == "repeated":
         v0 = int(emu.vertices_per_image[0])
         assert int(emu.vertices_per_image[1]) == v0
-        first = emu._vtx[:1600]
-        assert torch.equal(emu._vtx[1600:3200], torch.where(first >= 0, first + v0, first))
+        first = emu.state.vertex_ids[:1600]
+        assert torch.equal(emu.state.vertex_ids[1600:3200], torch.where(first >= 0, first + v0, first))
 
 
 def test_emulated_kernel_empty_roi(emulated):
@@ -176,12 +126,12 @@ def test_emulated_kernel_empty_roi(emulated):
     roi = torch.ones(2, 24, 24, dtype=torch.bool)
     roi[0] = False  # one image entirely padding
     emu, cpu = build_with(emulated, f, roi=roi), Permutohedral(f, roi=roi)
-    assert_same_lattice(cpu, emu, bary_atol=BARY_ATOL)
+    assert_same_lattice(cpu, emu)
     assert int(emu.vertices_per_image[0]) == 0 and int(emu.vertices_per_image[1]) > 0
     torch.testing.assert_close(emu.filter(v), cpu.filter(v), rtol=1e-5, atol=0)
     assert torch.equal(emu.filter(v)[0], torch.zeros(4, 24, 24))
     none = build_with(emulated, f, roi=torch.zeros(2, 24, 24, dtype=torch.bool))  # no vertex at all
-    assert none.num_vertices == 0 and none._csr_ptr.tolist() == [0] and none._csr_idx.numel() == 0
+    assert none.num_vertices == 0 and none.state.splat_ptr.tolist() == [0] and none.state.splat_entries.numel() == 0
     assert torch.equal(none.filter(v), torch.zeros_like(v))
 
 
@@ -191,8 +141,8 @@ def test_emulated_filter_equals_cpu_filter(emulated):
     r = padded_roi(img.shape[0], 40)
     cpu, emu = Permutohedral(f, roi=r), build_with(emulated, f, roi=r)
     v = torch.rand(img.shape[0], 21, 40, 40)
-    # Same terms; the splat adds them in 32 strided partial sums (one per warp lane) instead of one running sum,
-    # and compilers may fuse multiply-adds differently: float32 rounding, well below the 1e-4 the GPU must meet.
+    # Same terms; the splat adds them in 32 strided partial sums (one per warp lane) instead of one running sum:
+    # float32 rounding, well below the 1e-4 the GPU must meet.
     for transpose in (False, True):
         torch.testing.assert_close(emu.filter(v, transpose=transpose), cpu.filter(v, transpose=transpose),
                                    rtol=1e-5, atol=0)
@@ -201,14 +151,46 @@ def test_emulated_filter_equals_cpu_filter(emulated):
     assert not torch.allclose(cpu.filter(v), cpu.filter(v, transpose=True), rtol=1e-6, atol=0)
 
 
+def disjoint_impulses(lat: Permutohedral, channels: int, seed: int = 0) -> torch.Tensor:
+    """(B, C, H, W) values nonzero only at pixels no two of which share a lattice vertex (picked greedily).
+
+    Every vertex then receives at most one nonzero splat term: its sum is exact in any order, so the CPU and CUDA
+    splats agree bitwise and the outputs compare the blur and slice arithmetic alone.
+    """
+    b, _, h, w = lat.shape
+    vtx = lat.state.vertex_ids.tolist()
+    used: set[int] = set()
+    keep = torch.zeros(b * h * w, dtype=torch.bool)
+    for p in torch.randperm(b * h * w, generator=torch.Generator().manual_seed(seed)).tolist():
+        corners = set(vtx[p])
+        if -1 not in corners and not corners & used:
+            used |= corners
+            keep[p] = True
+    vals = torch.randn(b * h * w, channels, generator=torch.Generator().manual_seed(seed + 1)) * keep[:, None]
+    return vals.reshape(b, h, w, channels).permute(0, 3, 1, 2)
+
+
+def test_emulated_blur_and_slice_are_bitwise_the_cpu_ones(emulated):
+    img = photo_batch(40)
+    f = rgbxy_features(img, 13.0, 30.0)
+    r = padded_roi(img.shape[0], 40)
+    cpu, emu = Permutohedral(f, roi=r), build_with(emulated, f, roi=r)
+    assert_same_lattice(cpu, emu)
+    v = disjoint_impulses(cpu, 21)
+    assert int((v[:, 0] != 0).sum()) >= 8 * img.shape[0]  # enough impulses to spread over most vertices
+    for transpose in (False, True):
+        a, b = cpu.filter(v, transpose=transpose), emu.filter(v, transpose=transpose)
+        assert torch.equal(a, b), f"transpose={transpose}: {int((a != b).sum())} of {a.numel()} outputs differ"
+
+
 def test_emulated_kernel_rejects_bad_state(emulated):
     lat = build_with(emulated, rgbxy_features(photo_tensor("coffee", crop=16), 15.0, 10.0))
     with pytest.raises(RuntimeError, match="values have 100 pixels, the lattice 256"):
-        emulated.filter(torch.zeros(100, 3), lat._vtx, lat._bary, lat._nbr, lat._csr_ptr, lat._csr_idx, False, 1)
+        emulated.filter(torch.zeros(100, 3), *lat.state[:5], False, 1)
     with pytest.raises(RuntimeError, match="nbr must be Int"):
-        emulated.filter(torch.zeros(256, 3), lat._vtx, lat._bary, lat._nbr.long(), lat._csr_ptr, lat._csr_idx, False, 1)
+        emulated.filter(torch.zeros(256, 3), *lat.state[:2], lat.state.neighbors.long(), *lat.state[3:5], False, 1)
     with pytest.raises(RuntimeError, match="multiple of the batch size"):
-        emulated.build(torch.zeros(10, 5), torch.empty(0, dtype=torch.bool), 3)
+        _ext.build_lattice("cuda-emulation", torch.zeros(10, 5), None, 3)
 
 
 # ---------------------------------------------------------------------------------------------- compile check
@@ -233,12 +215,24 @@ def photos256():
 
 @gpu
 def test_gpu_builds_the_cpu_lattice(photos256):
-    # Same vertices, ids, neighbours and CSR; weights to float rounding (see BARY_ATOL).
+    # Bitwise the same lattice: vertex ids, barycentric weights, neighbours, counts and CSR (see nclib._ext).
     f = rgbxy_features(photos256, 15.0, 100.0)
     r = padded_roi(f.shape[0], 256)
-    assert_same_lattice(Permutohedral(f, roi=r), Permutohedral(f.cuda(), roi=r.cuda()), bary_atol=BARY_ATOL)
+    assert_same_lattice(Permutohedral(f, roi=r), Permutohedral(f.cuda(), roi=r.cuda()))
     f = xy_features(photos256, 3.0)
-    assert_same_lattice(Permutohedral(f), Permutohedral(f.cuda()), bary_atol=BARY_ATOL)
+    assert_same_lattice(Permutohedral(f), Permutohedral(f.cuda()))
+
+
+@gpu
+def test_gpu_blur_and_slice_are_bitwise_the_cpu_ones():
+    img = photo_batch(64)
+    f = rgbxy_features(img, 13.0, 30.0)
+    r = padded_roi(img.shape[0], 64)
+    cpu, gpu_lat = Permutohedral(f, roi=r), Permutohedral(f.cuda(), roi=r.cuda())
+    v = disjoint_impulses(cpu, 21)
+    for transpose in (False, True):
+        a, b = cpu.filter(v, transpose=transpose), gpu_lat.filter(v.cuda(), transpose=transpose).cpu()
+        assert torch.equal(a, b), f"transpose={transpose}: {int((a != b).sum())} of {a.numel()} outputs differ"
 
 
 @gpu

@@ -1,12 +1,16 @@
-"""The permutohedral filter against the exact O(N^2) Gaussian, its adjoint, and its input checks."""
+"""The permutohedral filter against the exact O(N^2) Gaussian, its adjoint, its state and its input checks.
+
+Property tests take the ``device`` fixture (tests/conftest.py): CPU, and CUDA where a GPU is present.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nclib.photos import BUNDLED as PHOTOS, photo_tensor
 from nclib import Permutohedral, exact_gaussian_filter, gaussian_filter, rgbxy_features, xy_features
-from nclib.lattice import relative_rms_error
+from nclib.lattice import LatticeState, relative_rms_error
+from nclib.photos import BUNDLED as PHOTOS
+from nclib.photos import photo_tensor
 
 
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -18,26 +22,26 @@ def astro():
     return photo_tensor("astronaut", crop=64)
 
 
-def test_constant_input_gives_constant_normalized_output(astro):
-    f = rgbxy_features(astro, 15.0, 10.0)
-    out = gaussian_filter(torch.full((1, 2, 64, 64), 3.5), f, normalize=True)
+def test_constant_input_gives_constant_normalized_output(astro, device):
+    f = rgbxy_features(astro.to(device), 15.0, 10.0)
+    out = gaussian_filter(torch.full((1, 2, 64, 64), 3.5, device=device), f, normalize=True)
     torch.testing.assert_close(out, torch.full_like(out, 3.5), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("name", PHOTOS)
 @pytest.mark.parametrize("sigma_xy", [10.0, 30.0])
-def test_normalized_photo_rgb_close_to_exact(name, sigma_xy):
-    img = photo_tensor(name, crop=64)
+def test_normalized_photo_rgb_close_to_exact(name, sigma_xy, device):
+    img = photo_tensor(name, crop=64).to(device)
     f = rgbxy_features(img, 15.0, sigma_xy)
     approx = gaussian_filter(img, f, normalize=True)
     exact = exact_gaussian_filter(img.double(), f.double(), normalize=True).float()
     assert relative_rms_error(approx, exact) < 0.04
 
 
-def test_backward_is_exact_adjoint(astro):
-    lat = Permutohedral(rgbxy_features(astro, 15.0, 10.0))
-    x = torch.rand(1, 3, 64, 64)
-    y = torch.rand(1, 3, 64, 64)
+def test_backward_is_exact_adjoint(astro, device):
+    lat = Permutohedral(rgbxy_features(astro.to(device), 15.0, 10.0))
+    x = torch.rand(1, 3, 64, 64, device=device)
+    y = torch.rand(1, 3, 64, 64, device=device)
     lhs = dot64(lat.filter(x), y)
     rhs = dot64(x, lat.filter(y, transpose=True))
     assert abs(lhs - rhs) <= 1e-5 * abs(lhs)
@@ -50,9 +54,9 @@ def test_backward_is_exact_adjoint(astro):
 
 
 @pytest.mark.parametrize("sigma_xy", [10.0, 30.0])
-def test_forward_nearly_symmetric(astro, sigma_xy):
-    lat = Permutohedral(rgbxy_features(astro, 15.0, sigma_xy))
-    x, y = torch.rand(1, 4, 64, 64), torch.rand(1, 4, 64, 64)
+def test_forward_nearly_symmetric(astro, sigma_xy, device):
+    lat = Permutohedral(rgbxy_features(astro.to(device), 15.0, sigma_xy))
+    x, y = torch.rand(1, 4, 64, 64, device=device), torch.rand(1, 4, 64, 64, device=device)
     a, b = dot64(lat.filter(x), y), dot64(x, lat.filter(y))
     assert abs(a - b) <= 1e-3 * abs(a)
 
@@ -88,22 +92,23 @@ def test_end_to_end_against_finite_differences(astro):
         assert abs(fd - ad) <= 2e-3 * abs(ad)
 
 
-def test_batch_equals_single_calls():
-    imgs = torch.cat([photo_tensor(n, crop=48) for n in PHOTOS])
+def test_batch_equals_single_calls(device):
+    imgs = torch.cat([photo_tensor(n, crop=48) for n in PHOTOS]).to(device)
     f = rgbxy_features(imgs, 15.0, 20.0)
-    v = torch.rand(len(PHOTOS), 5, 48, 48)
+    v = torch.rand(len(PHOTOS), 5, 48, 48, device=device)
     batched = gaussian_filter(v, f)
     singles = torch.cat([gaussian_filter(v[i : i + 1], f[i : i + 1]) for i in range(len(PHOTOS))])
     torch.testing.assert_close(batched, singles, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 21, 64])
-def test_any_channel_count(astro, channels):
-    f = rgbxy_features(astro[..., :32, :32], 15.0, 10.0)
+def test_any_channel_count(astro, channels, device):
+    img = astro[..., :32, :32].to(device)
+    f = rgbxy_features(img, 15.0, 10.0)
     lat = Permutohedral(f)
     # smooth values: blurred copies of the photo's channels
-    v = astro[..., :32, :32].repeat(1, (channels + 2) // 3, 1, 1)[:, :channels]
-    v = v * torch.linspace(0.5, 1.5, channels).view(1, -1, 1, 1)
+    v = img.repeat(1, (channels + 2) // 3, 1, 1)[:, :channels]
+    v = v * torch.linspace(0.5, 1.5, channels, device=device).view(1, -1, 1, 1)
     out = lat.filter(v, normalize=True)
     per_channel = torch.cat([lat.filter(v[:, c : c + 1], normalize=True) for c in range(channels)], dim=1)
     torch.testing.assert_close(out, per_channel, rtol=1e-6, atol=1e-4)
@@ -124,24 +129,24 @@ def test_large_coordinates_small_sigma():
     assert relative_rms_error(approx, exact) < 0.04
 
 
-def test_noncontiguous_and_channels_last(astro):
-    f = rgbxy_features(astro, 15.0, 10.0)
-    v = torch.rand(1, 6, 64, 64)
+def test_noncontiguous_and_channels_last(astro, device):
+    f = rgbxy_features(astro.to(device), 15.0, 10.0)
+    v = torch.rand(1, 6, 64, 64, device=device)
     ref = gaussian_filter(v, f)
     torch.testing.assert_close(gaussian_filter(v.contiguous(memory_format=torch.channels_last), f), ref)
     torch.testing.assert_close(
         gaussian_filter(v, f.contiguous(memory_format=torch.channels_last)), ref, rtol=0, atol=0
     )
-    wide = torch.rand(1, 6, 64, 128)[..., ::2]  # strided view
+    wide = torch.rand(1, 6, 64, 128, device=device)[..., ::2]  # strided view
     assert not wide.is_contiguous()
     torch.testing.assert_close(gaussian_filter(wide, f), gaussian_filter(wide.contiguous(), f), rtol=0, atol=0)
 
 
-def test_roi_excludes_pixels(astro):
-    f = rgbxy_features(astro[..., :32, :32], 15.0, 10.0)
-    roi = torch.ones(1, 32, 32, dtype=torch.bool)
+def test_roi_excludes_pixels(astro, device):
+    f = rgbxy_features(astro[..., :32, :32].to(device), 15.0, 10.0)
+    roi = torch.ones(1, 32, 32, dtype=torch.bool, device=device)
     roi[:, :, 20:] = False
-    v = astro[..., :32, :32].clone()  # a smooth signal (white noise is 15-30% off on any lattice)
+    v = astro[..., :32, :32].to(device)  # a smooth signal (white noise is 15-30% off on any lattice)
     lat = Permutohedral(f, roi=roi)
     out = lat.filter(v, normalize=True)
     assert bool((out[..., 20:] == 0).all())
@@ -152,9 +157,9 @@ def test_roi_excludes_pixels(astro):
     assert relative_rms_error(out[..., :20], exact[..., :20]) < 0.04
 
 
-def test_dtypes_round_trip(astro):
-    f = rgbxy_features(astro, 15.0, 10.0)
-    v = torch.rand(1, 3, 64, 64)
+def test_dtypes_round_trip(astro, device):
+    f = rgbxy_features(astro.to(device), 15.0, 10.0)
+    v = torch.rand(1, 3, 64, 64, device=device)
     ref = gaussian_filter(v, f)
     for dt in (torch.float64, torch.float16, torch.bfloat16):
         out = gaussian_filter(v.to(dt), f.to(dt))
@@ -177,9 +182,9 @@ def test_deterministic_across_threads(astro):
     assert torch.equal(one, two)
 
 
-def test_features_get_no_gradient(astro):
-    f = rgbxy_features(astro, 15.0, 10.0).requires_grad_()
-    v = torch.rand(1, 2, 64, 64, requires_grad=True)
+def test_features_get_no_gradient(astro, device):
+    f = rgbxy_features(astro.to(device), 15.0, 10.0).requires_grad_()
+    v = torch.rand(1, 2, 64, 64, device=device, requires_grad=True)
     gaussian_filter(v, f, normalize=True).sum().backward()
     assert f.grad is None and v.grad is not None
 
@@ -192,6 +197,74 @@ def test_xy_features_and_occupancy(astro):
     lat = Permutohedral(rgbxy_features(astro, 15.0, 100.0))
     assert 0 < lat.num_vertices < 64 * 64
     assert int(lat.vertices_per_image.sum()) == lat.num_vertices
+
+
+def test_features_are_float32_whatever_the_image_dtype():
+    # bf16 holds integers exactly only up to 256: at 2000 px, coordinates in the image's dtype were up to 4 px off
+    img = (torch.rand(1, 3, 2, 2000) * 255).round().to(torch.bfloat16)
+    x = torch.arange(2000, dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.uint8):
+        im = img.to(dtype)
+        want = torch.float64 if dtype == torch.float64 else torch.float32  # float64 kept for exact references
+        f1 = xy_features(im, 1.0)
+        assert f1.dtype == want
+        assert torch.equal(f1[0, 0, 1].double(), x) and torch.equal(f1[0, 1, :, 7].double(), torch.tensor([0.0, 1.0]))
+        f = rgbxy_features(im, 15.0, 80.0)
+        assert f.dtype == want
+        assert float((f[0, 0, 0].double() * 80 - x).abs().max()) < 2e-4  # float32 rounding of x / 80, no more
+        torch.testing.assert_close(f[:, 2:].double() * 15, im.double(), rtol=1e-6, atol=0)
+
+
+def test_lattice_state_fields(astro):
+    imgs = torch.cat([astro[..., :24, :24], photo_tensor("coffee", crop=24)])
+    roi = torch.ones(2, 24, 24, dtype=torch.bool)
+    roi[1, 20:] = False
+    lat = Permutohedral(rgbxy_features(imgs, 15.0, 10.0), roi=roi)
+    st = lat.state
+    assert isinstance(st, LatticeState) and st._fields == (
+        "vertex_ids", "barycentric", "neighbors", "splat_ptr", "splat_entries", "vertices_per_image"
+    )
+    p, d1, v = 2 * 24 * 24, 6, lat.num_vertices
+    assert st.vertex_ids.shape == (p, d1) and st.vertex_ids.dtype == torch.int32
+    assert st.barycentric.shape == (p, d1) and st.barycentric.dtype == torch.float32
+    assert st.neighbors.shape == (v, d1, 2) and st.neighbors.dtype == torch.int32
+    assert st.vertices_per_image.tolist() == lat.vertices_per_image.tolist() and int(st.vertices_per_image.sum()) == v
+    inside = roi.reshape(-1)
+    # barycentric coordinates: non-negative, summing to 1 inside the roi; nothing outside
+    assert bool((st.barycentric >= 0).all())
+    torch.testing.assert_close(st.barycentric[inside].double().sum(1), torch.ones(int(inside.sum()), dtype=torch.float64))
+    assert bool((st.vertex_ids[~inside] == -1).all()) and bool((st.barycentric[~inside] == 0).all())
+    # image b owns the id range [sum of earlier counts, + its count); neighbours stay inside it
+    v0 = int(st.vertices_per_image[0])
+    ids = st.vertex_ids.reshape(2, 24 * 24, d1)
+    assert 0 <= int(ids[0].min()) and int(ids[0].max()) == v0 - 1
+    assert int(ids[1][ids[1] >= 0].min()) == v0 and int(ids[1].max()) == v - 1
+    nb = st.neighbors.long()
+    assert bool(((nb[:v0] < v0) & (nb[:v0] >= -1)).all()) and bool(((nb[v0:] >= v0) | (nb[v0:] == -1)).all())
+
+
+def test_roi_none_is_every_pixel(astro, device):
+    f = rgbxy_features(astro.to(device), 15.0, 10.0)
+    every = torch.ones(1, 64, 64, dtype=torch.bool, device=device)
+    a, b = Permutohedral(f, roi=None), Permutohedral(f, roi=every)
+    assert a.roi is None
+    for name in LatticeState._fields:
+        assert torch.equal(getattr(a.state, name), getattr(b.state, name)), name
+    v = torch.rand(1, 3, 64, 64, device=device)
+    assert torch.equal(a.filter(v), b.filter(v))
+    assert torch.equal(gaussian_filter(v, f, roi=None), a.filter(v))
+    part = every.clone()
+    part[..., 40:] = False  # and a real roi does change the operator (the comparison above can fail)
+    assert not torch.equal(Permutohedral(f, roi=part).filter(v), a.filter(v))
+
+
+def test_kind_must_match_the_features_device(astro):
+    f = rgbxy_features(astro[..., :8, :8], 15.0, 10.0)
+    assert Permutohedral(f).kind == "cpu"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Permutohedral(f, kind="gpu")
+    with pytest.raises(ValueError, match="features' device"):
+        Permutohedral(f, kind="cuda")
 
 
 @pytest.mark.parametrize(
