@@ -97,7 +97,7 @@ emit_table() {
   {
     echo "# GPU check: build, tests, compute-sanitizer, CUDA lattice, NC loss, dense CRF, training step"
     echo
-    echo "\`bash scripts/gpu_check.sh${MODE#full}\`"\
+    echo "\`bash scripts/gpu_check.sh$([ "$MODE" = full ] || echo " $MODE")\`"\
          "$(date -u +%Y-%m-%d), $(( $(date +%s) - START )) s in all (goal <= 300 s);"\
          "python $PY, $("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)."
     [ -f "$bench" ] && grep -v '^|' "$bench" | sed -n '3,4p'
