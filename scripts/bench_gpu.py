@@ -16,6 +16,7 @@ reported (met / NOT met) but do not fail the run.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -130,14 +131,13 @@ def goal(value: float, limit: float) -> str:
     return "met" if value <= limit else "NOT met"
 
 
-def sanitize_case() -> int:
+def sanitize_case(dev: torch.device) -> int:
     """The 32x32 workload that compute-sanitizer runs: build, filter (both directions, normalized), NC loss
     forward + backward, dense CRF, with a roi; every nclib kernel launches at least once. Prints one line."""
     from nclib import Permutohedral, rgbxy_features
     from nclib.crf import dense_crf
     from nclib.losses import normalized_cut_loss
 
-    dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
     imgs = photo_batch(32, 2).to(dev)
     roi = torch.ones(2, 32, 32, dtype=torch.bool)
@@ -150,9 +150,10 @@ def sanitize_case() -> int:
     loss = normalized_cut_loss(torch.softmax(x, 1), imgs, sigma_rgb=SIGMA_RGB, sigma_xy=10.0, roi=roi)
     loss.backward()
     crf = dense_crf(torch.softmax(x.detach(), 1), imgs, iterations=2, roi=roi)
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     finite = all(bool(torch.isfinite(t).all()) for t in [*outs, x.grad, crf])
-    print(f"sanitize-case: {lat.num_vertices} vertices, NC {float(loss):.4f}, all outputs finite: {finite}")
+    print(f"sanitize-case: {lat.num_vertices} vertices, NC {float(loss.detach()):.4f}, all outputs finite: {finite}")
     return 0 if finite else 1
 
 
@@ -168,14 +169,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--runs", type=int, default=None, help="timed runs per row, median (default 20; dry-run 2)")
     ap.add_argument("--train-runs", type=int, default=None, help="timed training steps (default 5; dry-run 1)")
     ap.add_argument("--models", default="largefov,resnet101_aspp", help="models of the training-step rows")
-    ap.add_argument("--cpu-threads", type=int, default=2, help="threads of the CPU reference")
+    ap.add_argument("--cpu-threads", type=int, default=None,
+                    help="threads of the CPU reference (default: every core with a GPU, 2 in a dry run)")
     ap.add_argument("--out", type=Path, default=None, help="markdown table (default benchmarks/gpu.md; "
                     "dry-run build/gpu-check/gpu-dry-run.md)")
     args = ap.parse_args(argv)
-    if args.sanitize_case:
-        return sanitize_case()
     dry = args.dry_run
     dev = torch.device("cpu" if dry else args.device)
+    if args.sanitize_case:
+        return sanitize_case(dev)
     B = args.batch or (2 if dry else 10)
     S = args.size or (48 if dry else 321)
     C = args.channels
@@ -190,6 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nclib import Permutohedral, rgbxy_features
     from nclib.losses import normalized_cut_loss
 
+    args.cpu_threads = args.cpu_threads or (2 if dev.type == "cpu" else os.cpu_count() or 2)
     torch.set_num_threads(args.cpu_threads)
     ms = timer(dev)
     cpu = torch.device("cpu")

@@ -215,8 +215,11 @@ if [ "$MODE" != --dry-run ]; then
       --error-exitcode 9 --print-limit 20 ${GPU_CHECK_SANITIZER_ARGS:-} "$PY" scripts/bench_gpu.py --sanitize-case
   done
 fi
+[ "$MODE" = --dry-run ] && start sanitize-case-on-cpu 60 "$PY" scripts/bench_gpu.py --sanitize-case --dry-run
 finish gpu-tests
-if [ "$MODE" != --dry-run ]; then
+if [ "$MODE" = --dry-run ]; then
+  finish sanitize-case-on-cpu  # the workload the sanitizer runs, without the sanitizer and the GPU
+else
   finish sanitizer-memcheck sanitizer_unsupported
   finish sanitizer-initcheck sanitizer_unsupported
 fi
