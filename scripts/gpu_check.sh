@@ -130,6 +130,9 @@ except Exception as e:
     sys.exit(1)
 cuda = torch.version.cuda
 print(f"torch {torch.__version__}, torch.version.cuda {cuda}")
+tested = (2, 13)  # pyproject.toml's lower bound: the oldest torch the CPU test suite ran against
+if tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2]) < tested:
+    print(f"NOTE torch {torch.__version__} is older than the tested bound {tested[0]}.{tested[1]}: this run is its test")
 if cuda is None:
     miss("a CUDA build of torch", f"torch {torch.__version__} is a CPU build: set PY= to the python of the CUDA "
          "torch (on the GPU image: python3), or install one (pip install torch --index-url "
