@@ -54,8 +54,9 @@ cuda-check: setup
 	@if command -v nvcc >/dev/null 2>&1; then $(BIN)/python scripts/cuda_check.py; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
 
-# On a machine with a GPU: build the CUDA kernel, run the GPU tests and benchmarks, print a table.
-gpu-check: setup
+# On a fresh GPU machine whose python already has a CUDA torch: installs nothing (no venv, no pip, no network).
+# Preflight, build, GPU tests, compute-sanitizer, benchmarks; one table -> benchmarks/gpu.md. PY= picks the python.
+gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:

@@ -183,6 +183,21 @@ def test_emulated_blur_and_slice_are_bitwise_the_cpu_ones(emulated):
         assert torch.equal(a, b), f"transpose={transpose}: {int((a != b).sum())} of {a.numel()} outputs differ"
 
 
+def test_emulated_splat_of_long_rows_equals_cpu(emulated):
+    """Vertices with thousands of entries: their CSR rows are cut into splat segments summed in a second pass."""
+    img = photo_batch(64, ("astronaut", "coffee"))
+    f = rgbxy_features(img, 60.0, 40.0)  # wide kernels: few vertices, long rows
+    cpu, emu = Permutohedral(f), build_with(emulated, f)
+    ptr = emu.state.splat_ptr
+    rows = ptr[1:] - ptr[:-1]
+    assert int(rows.max()) > 2 * 512 and int((rows > 512).sum()) >= 2  # several rows of several segments
+    v = torch.rand(2, 21, 64, 64)
+    for transpose in (False, True):
+        out = emu.filter(v, transpose=transpose)
+        torch.testing.assert_close(out, cpu.filter(v, transpose=transpose), rtol=1e-5, atol=0)
+        assert torch.equal(out, emu.filter(v, transpose=transpose))
+
+
 def test_emulated_kernel_rejects_bad_state(emulated):
     lat = build_with(emulated, rgbxy_features(photo_tensor("coffee", crop=16), 15.0, 10.0))
     with pytest.raises(RuntimeError, match="values have 100 pixels, the lattice 256"):

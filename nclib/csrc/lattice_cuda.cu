@@ -10,13 +10,15 @@
 //     CPU ones, and independent of thread scheduling, given identically rounded embeddings (no fused
 //     multiply-add on either side: nvcc -fmad=false, g++ -ffp-contract=off); csr_ptr/csr_idx are the CSR the
 //     layout contract defines (the CPU build, which scatters, returns them empty);
-//   * the splat is a gather over each vertex's CSR list (sorted flat indices, made with torch's stable sort), one
-//     warp per vertex with a fixed-order butterfly sum; the blur and slice read fixed neighbours: no
+//   * the splat is a gather over each vertex's CSR list (sorted flat indices, made with torch's stable sort), cut
+//     into fixed segments: one warp per segment with a fixed-order butterfly sum, segment sums added in order;
+//     the blur and slice read fixed neighbours: no
 //     floating-point atomics, so results are bitwise reproducible run to run. Float products and sums use
 //     explicit round-to-nearest intrinsics (never contracted into FMA); blur and slice add in the CPU loops'
-//     order, the splat in 32 strided partial sums, so GPU and CPU outputs agree to float rounding.
+//     order, the splat in fixed segments of 32 strided partial sums, so GPU and CPU outputs agree to float rounding.
 // Every buffer comes from PyTorch's caching allocator on the input's device, every launch goes to the current
-// stream, the whole batch is handled by each launch. One device-to-host copy per build (vertex counts).
+// stream, the whole batch is handled by each launch. One device-to-host copy per build (vertex counts), none per
+// filter (its sizes come from the tensors' shapes).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
@@ -236,11 +238,16 @@ __global__ void csr_ptr_kernel(const int32_t* __restrict__ sorted_key, int64_t n
 }
 
 // Filter kernels: one thread per (row, channel); t = row * C + c so a warp reads/writes contiguous channels.
-// Splat: one warp per (vertex, chunk of kSplatCh channels). A vertex may gather tens of thousands of entries (a
-// flat region under sigma_xy = 100), so the lanes split its CSR row (lane l takes entries l, l+32, ...) and the
-// 32 partial sums are combined by a fixed butterfly: deterministic, and a hot vertex costs len/32 steps, not len.
+// Splat: a vertex may gather tens of thousands of entries (11k at 321^2, 25k at 2000^2 under sigma_xy = 100), so
+// each CSR row is cut into fixed segments of kSegment entries and one warp takes one (segment, chunk of kSplatCh
+// channels): the lanes split the segment (lane l takes entries l, l+32, ...) and the 32 partial sums are combined
+// by a fixed butterfly. A row of one segment is written straight to the output; the segment sums of a longer row
+// go to a scratch buffer and a second pass adds them in segment order. The segmentation depends only on the CSR,
+// so the summation order is the same on every run: deterministic, and a hot vertex costs len/kSegment warps
+// working in parallel plus a short ordered tail, not one warp walking len/32 steps.
 constexpr int kWarp = 32;
 constexpr int kSplatCh = 8;
+constexpr int64_t kSegment = 16 * kWarp;  // entries per splat segment (16 per lane)
 
 // Lane `lane`'s partial sums of channels c0 .. c0+cw-1 over the entries begin+lane, begin+lane+32, ... < end.
 __device__ __forceinline__ void splat_lane_partial(const float* __restrict__ in, const float* __restrict__ bary,
@@ -260,52 +267,114 @@ __device__ __forceinline__ void splat_lane_partial(const float* __restrict__ in,
   }
 }
 
+// seg_count[v] = number of splat segments of vertex v's CSR row (>= 1; a row of <= kSegment entries is one).
+__global__ void segment_count_kernel(const int64_t* __restrict__ ptr, int64_t V, int32_t* __restrict__ seg_count) {
+  NCLIB_GRID_LOOP(v, V) {
+    const int64_t len = ptr[v + 1] - ptr[v];
+    seg_count[v] = static_cast<int32_t>(len <= kSegment ? 1 : (len + kSegment - 1) / kSegment);
+  }
+}
+
+// The splat task of segment s (global number, segments of vertex v are seg_incl[v-1] .. seg_incl[v]-1 with
+// seg_incl the inclusive scan of seg_count): its vertex (V when s is past the last segment), its entry range
+// [begin, end) and whether it is its row's only segment.
+struct SplatSegment {
+  int64_t v, begin, end;
+  bool whole_row;
+};
+
+__device__ __forceinline__ SplatSegment locate_segment(const int64_t* __restrict__ ptr,
+                                                       const int32_t* __restrict__ seg_incl, int64_t V, int64_t s) {
+  int64_t lo = 0, hi = V;  // first v with seg_incl[v] > s
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (seg_incl[mid] > s) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  SplatSegment seg{lo, 0, 0, false};
+  if (lo == V) return seg;
+  const int64_t first = lo == 0 ? 0 : seg_incl[lo - 1];
+  seg.begin = ptr[lo] + (s - first) * kSegment;
+  seg.end = ptr[lo + 1] < seg.begin + kSegment ? ptr[lo + 1] : seg.begin + kSegment;
+  seg.whole_row = seg_incl[lo] - first == 1;
+  return seg;
+}
+
+// Pass 1: one warp per (segment, channel chunk); tasks = segments_bound * chunks (tasks past the last segment do
+// nothing). A whole row's sum goes to out[v], a segment's to partial[s].
 #ifndef NCLIB_CUDA_EMULATE
 __global__ void splat_kernel(const float* __restrict__ in, const float* __restrict__ bary,
-                             const int64_t* __restrict__ ptr, const int32_t* __restrict__ idx, int d1, int64_t V,
-                             int64_t C, float* __restrict__ out) {
+                             const int64_t* __restrict__ ptr, const int32_t* __restrict__ idx,
+                             const int32_t* __restrict__ seg_incl, int d1, int64_t V, int64_t segments_bound,
+                             int64_t C, float* __restrict__ out, float* __restrict__ partial) {
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   const int64_t chunks = (C + kSplatCh - 1) / kSplatCh;
   const int64_t first = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int64_t stride = int64_t(blockDim.x) * gridDim.x / kWarp;
-  for (int64_t task = first; task < V * chunks; task += stride) {  // uniform across the warp
-    const int64_t v = task / chunks;
-    const int64_t c0 = (task - v * chunks) * kSplatCh;
+  for (int64_t task = first; task < segments_bound * chunks; task += stride) {  // uniform across the warp
+    const int64_t s = task / chunks;
+    const SplatSegment seg = locate_segment(ptr, seg_incl, V, s);
+    if (seg.v == V) continue;
+    const int64_t c0 = (task - s * chunks) * kSplatCh;
     const int cw = static_cast<int>(C - c0 < kSplatCh ? C - c0 : kSplatCh);
     float acc[kSplatCh];
-    splat_lane_partial(in, bary, idx, ptr[v], ptr[v + 1], lane, d1, C, c0, cw, acc);
+    splat_lane_partial(in, bary, idx, seg.begin, seg.end, lane, d1, C, c0, cw, acc);
 #pragma unroll
     for (int off = kWarp / 2; off > 0; off /= 2) {  // a + b == b + a: every lane ends with the same sums
 #pragma unroll
       for (int j = 0; j < kSplatCh; ++j) acc[j] = __fadd_rn(acc[j], __shfl_xor_sync(0xffffffffu, acc[j], off));
     }
+    float* dst = (seg.whole_row ? out + seg.v * C : partial + s * C) + c0;
 #pragma unroll
     for (int j = 0; j < kSplatCh; ++j) {
-      if (lane == j && j < cw) out[v * C + c0 + j] = acc[j];
+      if (lane == j && j < cw) dst[j] = acc[j];
     }
   }
 }
 #else
-// Emulation: the same lane partials and the same butterfly, lane by lane.
-void splat_kernel(const float* in, const float* bary, const int64_t* ptr, const int32_t* idx, int d1, int64_t V,
-                  int64_t C, float* out) {
+// Emulation: the same segments, lane partials and butterfly, lane by lane.
+void splat_kernel(const float* in, const float* bary, const int64_t* ptr, const int32_t* idx, const int32_t* seg_incl,
+                  int d1, int64_t V, int64_t segments_bound, int64_t C, float* out, float* partial) {
   const int64_t chunks = (C + kSplatCh - 1) / kSplatCh;
-  NCLIB_GRID_LOOP(task, V * chunks) {
-    const int64_t v = task / chunks;
-    const int64_t c0 = (task - v * chunks) * kSplatCh;
+  NCLIB_GRID_LOOP(task, segments_bound * chunks) {
+    const int64_t s = task / chunks;
+    const SplatSegment seg = locate_segment(ptr, seg_incl, V, s);
+    if (seg.v == V) continue;
+    const int64_t c0 = (task - s * chunks) * kSplatCh;
     const int cw = static_cast<int>(C - c0 < kSplatCh ? C - c0 : kSplatCh);
     float acc[kWarp][kSplatCh], next[kWarp][kSplatCh];
-    for (int lane = 0; lane < kWarp; ++lane) splat_lane_partial(in, bary, idx, ptr[v], ptr[v + 1], lane, d1, C, c0, cw, acc[lane]);
+    for (int lane = 0; lane < kWarp; ++lane) {
+      splat_lane_partial(in, bary, idx, seg.begin, seg.end, lane, d1, C, c0, cw, acc[lane]);
+    }
     for (int off = kWarp / 2; off > 0; off /= 2) {
       for (int lane = 0; lane < kWarp; ++lane) {
         for (int j = 0; j < kSplatCh; ++j) next[lane][j] = __fadd_rn(acc[lane][j], acc[lane ^ off][j]);
       }
       std::memcpy(acc, next, sizeof(acc));
     }
-    for (int j = 0; j < cw; ++j) out[v * C + c0 + j] = acc[j][j];
+    float* dst = (seg.whole_row ? out + seg.v * C : partial + s * C) + c0;
+    for (int j = 0; j < cw; ++j) dst[j] = acc[j][j];
   }
 }
 #endif
+
+// Pass 2: rows of several segments add their segment sums in segment order (one thread per (vertex, channel)).
+__global__ void splat_combine_kernel(const float* __restrict__ partial, const int32_t* __restrict__ seg_incl,
+                                     int64_t V, int64_t C, float* __restrict__ out) {
+  NCLIB_GRID_LOOP(t, V * C) {
+    const int64_t v = t / C;
+    const int64_t c = t - v * C;
+    const int64_t first = v == 0 ? 0 : seg_incl[v - 1];
+    const int64_t n = seg_incl[v] - first;
+    if (n == 1) continue;  // written by pass 1
+    float acc = partial[first * C + c];
+    for (int64_t k = 1; k < n; ++k) acc = __fadd_rn(acc, partial[(first + k) * C + c]);
+    out[t] = acc;
+  }
+}
 
 __global__ void blur_kernel(const float* __restrict__ a, const int32_t* __restrict__ nbr, int d1, int axis,
                             int64_t V, int64_t C, float* __restrict__ out) {
@@ -433,8 +502,20 @@ at::Tensor filter_cuda(const at::Tensor& values, const at::Tensor& vtx, const at
   at::Tensor buf_b = at::empty({V, C}, values.options());
   float* a = buf_a.data_ptr<float>();
   float* b = buf_b.data_ptr<float>();
-  NCLIB_LAUNCH(splat_kernel, V * ((C + kSplatCh - 1) / kSplatCh) * kWarp, values.data_ptr<float>(), bary.data_ptr<float>(), csr_ptr.data_ptr<int64_t>(),
-               csr_idx.data_ptr<int32_t>(), d1, V, C, a);
+  // Splat segments, from the CSR alone (no device-to-host copy): the bound V + nnz / kSegment on their number
+  // needs only the sizes, known on the host; the exact layout stays on the device.
+  const int64_t nnz = csr_idx.size(0);
+  const int64_t segments_bound = V + nnz / kSegment;
+  at::Tensor seg_count = at::empty({V}, vtx.options());
+  NCLIB_LAUNCH(segment_count_kernel, V, csr_ptr.data_ptr<int64_t>(), V, seg_count.data_ptr<int32_t>());
+  const at::Tensor seg_incl = at::cumsum(seg_count, 0, at::kInt);
+  at::Tensor partial = at::empty({nnz > kSegment ? segments_bound : 0, C}, values.options());
+  NCLIB_LAUNCH(splat_kernel, segments_bound * ((C + kSplatCh - 1) / kSplatCh) * kWarp, values.data_ptr<float>(),
+               bary.data_ptr<float>(), csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(),
+               seg_incl.data_ptr<int32_t>(), d1, V, segments_bound, C, a, partial.data_ptr<float>());
+  if (nnz > kSegment) {  // else every row is one segment
+    NCLIB_LAUNCH(splat_combine_kernel, V * C, partial.data_ptr<float>(), seg_incl.data_ptr<int32_t>(), V, C, a);
+  }
   for (int step = 0; step < d1; ++step) {
     const int axis = transpose ? d - step : step;
     NCLIB_LAUNCH(blur_kernel, V * C, a, nbr.data_ptr<int32_t>(), d1, axis, V, C, b);
