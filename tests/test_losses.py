@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nclib.photos import BUNDLED as PHOTOS, photo_tensor
+from nclib.energies import normalized_cut
 from nclib.lattice import Permutohedral, exact_gaussian_filter, rgbxy_features
 from nclib.losses import (
     DenseCRFLoss,
@@ -16,13 +16,14 @@ from nclib.losses import (
     NELLoss,
     NormalizedCutLoss,
     PartialCrossEntropy,
-    _nc_from_filter,
     densecrf_loss,
     kmeans_loss,
     nel_loss,
     normalized_cut_loss,
     partial_cross_entropy,
 )
+from nclib.photos import BUNDLED as PHOTOS
+from nclib.photos import photo_tensor
 
 
 def colour_probs(img: torch.Tensor, k: int = 3, temperature: float = 300.0) -> torch.Tensor:
@@ -39,7 +40,7 @@ def colour_probs(img: torch.Tensor, k: int = 3, temperature: float = 300.0) -> t
 def exact_nc(probs: torch.Tensor, img: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
     f = rgbxy_features(img.double(), sigma_rgb, sigma_xy)
     ones = torch.ones_like(probs[:, :1], dtype=torch.float64)
-    return _nc_from_filter(probs.double(), lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f))
+    return normalized_cut(probs.double(), lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f))
 
 
 # ------------------------------------------------------------------------------------------ NC value
@@ -92,7 +93,7 @@ def test_nc_formula_closed_form_two_colour_image(h, w, sxy, dr):
     img, s, ca, cb = _two_colour(h, w, dr)
     f = rgbxy_features(img, 15.0, sxy)
     ones = torch.ones(1, 1, h, w, dtype=torch.float64)
-    exact = float(_nc_from_filter(s, lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f)))
+    exact = float(normalized_cut(s, lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f)))
     assert exact == pytest.approx(_closed_form_nc(h, w, sxy, 15.0, ca, cb), rel=1e-10)
 
 
@@ -136,7 +137,7 @@ def test_gradient_matches_float64_finite_differences_exact_filter():
     filt = lambda v: (v.flatten(2) @ w.T).reshape(v.shape)  # noqa: E731  (exact W v)
     d = filt(torch.ones(1, 1, 9, 9, dtype=torch.float64))
     s = colour_probs(img.float(), 3).double().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: _nc_from_filter(x, filt, d), (s,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(lambda x: normalized_cut(x, filt, d), (s,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
