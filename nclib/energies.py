@@ -8,6 +8,7 @@ a :class:`nclib.lattice.Permutohedral` (``lattice.filter``, ``lattice.norm()``, 
 
 * :func:`normalized_cut`: relaxed NC, Eq. 6 of the paper, ``sum_k S_k'W(1 - S_k) / d'S_k``; with ``present``,
   over the labels present in each image only (beyond the paper, see there);
+* :func:`normalized_cut_gradient`: its gradient, Eq. 8, in closed form;
 * :func:`potts_energy`: relaxed Potts / dense-CRF term ``sum_k S_k'W(1 - S_k)``;
 * :func:`kmeans_energy`: soft K-means on RGB (no affinity);
 * :func:`nc_energy`: the NC energy of probabilities or a label map on images (the one used for Fig 3 / Fig 5).
@@ -36,6 +37,7 @@ __all__ = [
     "cut_and_volume",
     "restrict_to_labels",
     "normalized_cut",
+    "normalized_cut_gradient",
     "potts_energy",
     "kmeans_energy",
     "nc_energy",
@@ -132,6 +134,20 @@ def normalized_cut(
     if active is not None:
         value = torch.where(active, value, torch.zeros_like(value))
     return value
+
+
+def normalized_cut_gradient(s: torch.Tensor, ws: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: ``dNC/dS_k = (S_k'WS_k) d / (d'S_k)^2 - 2 WS_k / d'S_k`` for a symmetric W, (B, K, H, W).
+
+    ws: ``W S`` (B, K, H, W), e.g. the symmetric part ``(L + L')S / 2`` of a lattice operator; d: ``W 1``.
+    Empty segments get 0. Divided by ``d`` it is the kernel-space distance of weighted kernel k-means (Dhillon et
+    al. 2004) up to a per-pixel constant, the linearization used by the proposals' bound optimization.
+    """
+    vol = (s * d).sum(dim=(2, 3), keepdim=True)
+    assoc = (s * ws).sum(dim=(2, 3), keepdim=True)
+    safe = vol.clamp_min(1e-30)
+    grad = assoc * d / safe**2 - 2 * ws / safe
+    return torch.where(vol > 0, grad, torch.zeros_like(grad))
 
 
 def potts_energy(s: torch.Tensor, filt: Filter, d: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ._checks import check_images, check_labels, check_positive, check_tensor
 from .clustering import ClusteringResult, seeded_normalized_cut
-from .energies import normalized_cut
+from .energies import normalized_cut, normalized_cut_gradient
 from .lattice import Permutohedral, rgbxy_features
 
 __all__ = ["grabcut_proposals", "kernelcut_proposals"]
@@ -167,9 +167,7 @@ def kernelcut_proposals(
             hist.append(nc + potts_weight * pairs / (h * w))
             if it == iters or (len(hist) > 1 and hist[-1] >= hist[-2] - 1e-12):
                 break
-            vol = (s * d[i : i + 1]).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
-            assoc = (s * ws).sum(dim=(2, 3), keepdim=True)
-            grad = (assoc * d[i : i + 1] / vol**2 - 2 * ws / vol)[0] * (h * w)  # Eq. 8, per pixel unaries
+            grad = normalized_cut_gradient(s, ws, d[i : i + 1])[0] * (h * w)  # Eq. 8, per pixel unaries
             unary = grad.permute(1, 2, 0).double().cpu().numpy().copy()
             sc = seed_compact.cpu().numpy()
             fixed = sc >= 0

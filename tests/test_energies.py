@@ -13,6 +13,7 @@ from nclib.energies import (
     nc_energy,
     normalized_cut,
     normalized_cut_dense,
+    normalized_cut_gradient,
     potts_energy,
     potts_energy_dense,
     restrict_to_labels,
@@ -137,3 +138,13 @@ def test_nc_energy_bad_inputs():
         nc_energy(s.argmax(1), img.float(), num_classes=2)
     with pytest.raises(ValueError, match="present must be"):
         normalized_cut(s, *exact_affinity(rgbxy_features(img, 15.0, 4.0)), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_normalized_cut_gradient_is_eq8_the_autograd_gradient():
+    img, s = small_batch(size=8, k=3)
+    s = torch.cat([s, torch.zeros_like(s[:, :1])], dim=1).requires_grad_(True)  # with an empty segment
+    filt, d = exact_affinity(rgbxy_features(img, 15.0, 4.0))
+    (g,) = torch.autograd.grad(normalized_cut(s, filt, d).sum(), s)
+    got = normalized_cut_gradient(s.detach(), filt(s.detach()), d)
+    torch.testing.assert_close(got[:, :3], g[:, :3], rtol=1e-9, atol=1e-12)
+    assert bool((got[:, 3] == 0).all())
