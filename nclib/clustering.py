@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_images, check_labels, check_positive, check_tensor
-from .energies import normalized_cut
+from .energies import normalized_cut, normalized_cut_gradient
 from .lattice import Permutohedral, rgbxy_features
 
 __all__ = ["ClusteringResult", "kmeans", "kernel_kmeans_nc", "seeded_normalized_cut"]
@@ -81,6 +81,17 @@ def kmeans(images: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> Clus
     return ClusteringResult(lab_t, [torch.tensor(energies, dtype=torch.float64)])
 
 
+def _kernel_distance(
+    s: torch.Tensor, ws: torch.Tensor, d: torch.Tensor, allowed: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(B, K, H, W) weighted kernel-space distance of every pixel to every cluster, minus the constant ``K_pp``:
+    Eq. 8 divided by ``d`` (Dhillon et al. 2004); inf for empty clusters and labels not ``allowed`` (B, K)."""
+    vol = (s * d).sum(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
+    dist = normalized_cut_gradient(s, ws, d) / d.clamp_min(1e-30)
+    usable = vol > 0 if allowed is None else (vol > 0) & allowed[:, :, None, None]
+    return torch.where(usable, dist, torch.full_like(dist, float("inf")))
+
+
 def _kernel_kmeans(
     lattice: Permutohedral,
     labels: torch.Tensor,
@@ -109,15 +120,7 @@ def _kernel_kmeans(
     rejected = torch.zeros(b, dtype=torch.bool, device=labels.device)
     active = torch.ones(b, dtype=torch.bool, device=labels.device)
     for _ in range(iters):
-        vol = (s * d).sum(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
-        assoc = (s * ws).sum(dim=(2, 3), keepdim=True)
-        nonempty = vol > 0
-        safe = vol.clamp_min(1e-30)
-        dist = -2 * ws / (d.clamp_min(1e-30) * safe) + assoc / safe**2  # kernel-space distance minus K_pp
-        dist = torch.where(nonempty, dist, torch.full_like(dist, float("inf")))
-        if allowed is not None:
-            dist = torch.where(allowed[:, :, None, None], dist, torch.full_like(dist, float("inf")))
-        new = dist.argmin(dim=1)
+        new = _kernel_distance(s, ws, d, allowed).argmin(dim=1)
         if fixed is not None:
             new = torch.where(fixed, labels, new)
         new = torch.where(active[:, None, None], new, labels)
@@ -207,11 +210,7 @@ def seeded_normalized_cut(
     lattice = Permutohedral(rgbxy_features(img, sigma_rgb, sigma_xy))
     d = lattice.norm()
     ws = 0.5 * (lattice.filter(onehot) + lattice.filter(onehot, transpose=True))
-    vol = (onehot * d).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
-    assoc = (onehot * ws).sum(dim=(2, 3), keepdim=True)
-    dist = -2 * ws / (d.clamp_min(1e-30) * vol) + assoc / vol**2
-    dist = torch.where(allowed[:, :, None, None], dist, torch.full_like(dist, float("inf")))
-    init = torch.where(seeds, lab0, dist.argmin(dim=1))
+    init = torch.where(seeds, lab0, _kernel_distance(onehot, ws, d, allowed).argmin(dim=1))
     result = _kernel_kmeans(lattice, init, k, iters, fixed=seeds, allowed=allowed)
     has = seeds.flatten(1).any(1)
     labels = torch.where(has[:, None, None], result.labels, torch.full_like(result.labels, ignore_index))
