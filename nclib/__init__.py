@@ -1,11 +1,21 @@
 """nclib: normalized cut loss for weakly-supervised CNN segmentation (Tang et al., CVPR 2018).
 
-Modules, one idea each: ``lattice`` (permutohedral Gaussian filter), ``losses`` (pCE, NC, NEL, K-means,
-DenseCRF loss), ``crf`` (dense CRF inference), ``clustering`` and ``proposals`` (shallow algorithms),
+Modules, one idea each: ``lattice`` (permutohedral Gaussian filter), ``energies`` (the objectives as pure
+functions of S and an affinity operator, with exact references), ``losses`` (the validated training losses: pCE, NC,
+NEL, K-means, DenseCRF), ``crf`` (dense CRF inference), ``clustering`` and ``proposals`` (shallow algorithms),
 ``models`` (DeepLab), ``data`` (datasets, scribbles, preparation), ``train`` / ``evaluate`` / ``metrics``
-(the engine), ``photos`` (bundled sample photos).
+(the engine), ``photos`` (bundled sample photos). Input value checks can be switched off for hot loops with
+``set_checks(False)`` / ``with checks(False):`` / ``NCLIB_CHECKS=0`` (shape and type checks stay on).
 """
-from .lattice import Permutohedral, exact_gaussian_filter, gaussian_filter, rgbxy_features, xy_features
+from ._checks import checks, checks_enabled, set_checks
+from .energies import nc_energy
+from .lattice import (
+    Permutohedral,
+    exact_gaussian_filter,
+    gaussian_filter,
+    rgbxy_features,
+    xy_features,
+)
 from .losses import (
     densecrf_loss,
     kmeans_loss,
@@ -27,4 +37,8 @@ __all__ = [
     "nel_loss",
     "kmeans_loss",
     "densecrf_loss",
+    "nc_energy",
+    "set_checks",
+    "checks",
+    "checks_enabled",
 ]

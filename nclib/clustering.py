@@ -7,7 +7,8 @@
   iteration). It reports the NC energy of every iterate.
 * :func:`seeded_normalized_cut`: the same iterations with scribbles as hard constraints, giving the
   "NormalizedCut" segmentation proposals of Table 2.
-* :func:`nc_energy`: the crisp NC energy of any labelling, with the formula of the loss.
+
+The NC energy of any labelling is :func:`nclib.energies.nc_energy`, with the formula of the loss.
 
 Dhillon et al.: with weights ``w = d = W 1`` and kernel ``D^-1 W D^-1``, weighted kernel k-means minimizes
 ``const - sum_k S_k'WS_k / d'S_k``, i.e. the normalized cut, and each batch iteration (assign every pixel to the
@@ -26,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive, check_rank
+from ._checks import check_images, check_labels, check_positive, check_tensor
+from .energies import normalized_cut, normalized_cut_gradient
 from .lattice import Permutohedral, rgbxy_features
-from .losses import _check_images, _nc_from_filter
 
-__all__ = ["ClusteringResult", "kmeans", "kernel_kmeans_nc", "seeded_normalized_cut", "nc_energy"]
+__all__ = ["ClusteringResult", "kmeans", "kernel_kmeans_nc", "seeded_normalized_cut"]
 
 
 class ClusteringResult(NamedTuple):
@@ -42,11 +43,6 @@ class ClusteringResult(NamedTuple):
     labels: torch.Tensor
     energies: List[torch.Tensor]
     rejected: Optional[torch.Tensor] = None
-
-
-def _check_images_only(images: torch.Tensor) -> torch.Tensor:
-    check_rank("images", images, 4, "(B, 3, H, W)")
-    return _check_images(images, images)
 
 
 def _check_k(k: int) -> None:
@@ -68,7 +64,7 @@ def kmeans(images: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> Clus
         labels (B, H, W) and ``energies[-1]`` (B,): ``sum_p |I_p - mu_{l_p}|^2 / N`` (0..255 units), the
         normalization of :func:`nclib.losses.kmeans_loss` (the paper's Fig 5b energies 3406 / 1234 / 1020).
     """
-    img = _check_images_only(images)
+    img = check_images(images)
     _check_k(k)
     _check_iters(iters)
     b, _, h, w = img.shape
@@ -85,17 +81,15 @@ def kmeans(images: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> Clus
     return ClusteringResult(lab_t, [torch.tensor(energies, dtype=torch.float64)])
 
 
-def nc_energy(labels: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0, sigma_xy: float = 40.0,
-              num_classes: Optional[int] = None) -> torch.Tensor:
-    """Crisp normalized cut ``sum_k cut(k) / assoc(k, all)`` of a labelling (B, H, W), per image: (B,)."""
-    img = _check_images_only(images)
-    check_rank("labels", labels, 3, "(B, H, W)")
-    if tuple(labels.shape) != (img.shape[0],) + tuple(img.shape[-2:]):
-        raise ValueError(f"labels must have shape (B, H, W) like images, got {tuple(labels.shape)}")
-    k = int(num_classes or int(labels.max()) + 1)
-    lattice = Permutohedral(rgbxy_features(img, sigma_rgb, sigma_xy))
-    s = F.one_hot(labels.long(), k).permute(0, 3, 1, 2).float()
-    return _nc_from_filter(s, lattice.filter, lattice.norm())
+def _kernel_distance(
+    s: torch.Tensor, ws: torch.Tensor, d: torch.Tensor, allowed: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(B, K, H, W) weighted kernel-space distance of every pixel to every cluster, minus the constant ``K_pp``:
+    Eq. 8 divided by ``d`` (Dhillon et al. 2004); inf for empty clusters and labels not ``allowed`` (B, K)."""
+    vol = (s * d).sum(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
+    dist = normalized_cut_gradient(s, ws, d) / d.clamp_min(1e-30)
+    usable = vol > 0 if allowed is None else (vol > 0) & allowed[:, :, None, None]
+    return torch.where(usable, dist, torch.full_like(dist, float("inf")))
 
 
 def _kernel_kmeans(
@@ -118,7 +112,7 @@ def _kernel_kmeans(
         s = F.one_hot(lab, k).permute(0, 3, 1, 2).float()
         ls, lts = lattice.filter(s), lattice.filter(s, transpose=True)
         ws = 0.5 * (ls + lts)  # symmetric part of the operator: same quadratic forms, Eq. 8 holds exactly
-        energy = _nc_from_filter(s, lambda _: ws, d)
+        energy = normalized_cut(s, lambda _: ws, d)
         return s, ws, energy
 
     s, ws, energy = stats(labels)
@@ -126,15 +120,7 @@ def _kernel_kmeans(
     rejected = torch.zeros(b, dtype=torch.bool, device=labels.device)
     active = torch.ones(b, dtype=torch.bool, device=labels.device)
     for _ in range(iters):
-        vol = (s * d).sum(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
-        assoc = (s * ws).sum(dim=(2, 3), keepdim=True)
-        nonempty = vol > 0
-        safe = vol.clamp_min(1e-30)
-        dist = -2 * ws / (d.clamp_min(1e-30) * safe) + assoc / safe**2  # kernel-space distance minus K_pp
-        dist = torch.where(nonempty, dist, torch.full_like(dist, float("inf")))
-        if allowed is not None:
-            dist = torch.where(allowed[:, :, None, None], dist, torch.full_like(dist, float("inf")))
-        new = dist.argmin(dim=1)
+        new = _kernel_distance(s, ws, d, allowed).argmin(dim=1)
         if fixed is not None:
             new = torch.where(fixed, labels, new)
         new = torch.where(active[:, None, None], new, labels)
@@ -175,7 +161,7 @@ def kernel_kmeans_nc(
         labels (B, H, W); ``energies``: the NC energy (B,) of the initial labelling and of every iterate,
         non-increasing.
     """
-    img = _check_images_only(images)
+    img = check_images(images)
     _check_k(k)
     _check_iters(iters)
     check_positive("sigma_rgb", sigma_rgb)
@@ -183,12 +169,8 @@ def kernel_kmeans_nc(
     if init is None:
         labels = kmeans(img, k, seed=seed).labels
     else:
-        check_rank("init", init, 3, "(B, H, W)")
-        if tuple(init.shape) != (img.shape[0],) + tuple(img.shape[-2:]):
-            raise ValueError(f"init must have shape (B, H, W) like images, got {tuple(init.shape)}")
-        if bool(((init < 0) | (init >= k)).any()):
-            raise ValueError(f"init labels must lie in 0..{k - 1}")
-        labels = init.long()
+        check_tensor("init", init, "(B, H, W)")
+        labels = check_labels("init", init.to(img.device), img, k, like_name="images")
     lattice = Permutohedral(rgbxy_features(img, sigma_rgb, sigma_xy))
     return _kernel_kmeans(lattice, labels.to(img.device), k, iters)
 
@@ -214,33 +196,21 @@ def seeded_normalized_cut(
         labels (B, H, W) agreeing with every scribble; images without any scribble get ``ignore_index``
         everywhere (and energy 0).
     """
-    img = _check_images_only(images)
-    check_rank("scribbles", scribbles, 3, "(B, H, W)")
-    if scribbles.is_floating_point() or scribbles.dtype == torch.bool:
-        raise ValueError(f"scribbles must be an integer label map, got dtype {scribbles.dtype}")
-    if tuple(scribbles.shape) != (img.shape[0],) + tuple(img.shape[-2:]):
-        raise ValueError(f"scribbles must have shape (B, H, W) like images, got {tuple(scribbles.shape)}")
+    img = check_images(images)
+    check_tensor("scribbles", scribbles, "(B, H, W)")
+    lab = check_labels("scribbles", scribbles.to(img.device), img, num_classes, ignore_index, "images")
     check_positive("sigma_rgb", sigma_rgb)
     check_positive("sigma_xy", sigma_xy)
     _check_iters(iters)
-    lab = scribbles.long().to(img.device)
     seeds = lab != ignore_index
-    if bool((lab[seeds] < 0).any()):
-        raise ValueError("scribbles must hold labels >= 0 or the ignore index")
-    k = int(num_classes) if num_classes is not None else (int(lab[seeds].max()) + 1 if bool(seeds.any()) else 1)
-    if bool(seeds.any()) and int(lab[seeds].max()) >= k:
-        raise ValueError(f"scribbles hold label {int(lab[seeds].max())} >= num_classes {k}")
+    k = int(num_classes) if num_classes is not None else int(torch.where(seeds, lab, 0).max()) + 1
     lab0 = torch.where(seeds, lab, torch.zeros_like(lab))
     onehot = F.one_hot(lab0, k).permute(0, 3, 1, 2).float() * seeds[:, None].float()  # seeds only
     allowed = onehot.sum(dim=(2, 3)) > 0  # (B, K)
     lattice = Permutohedral(rgbxy_features(img, sigma_rgb, sigma_xy))
     d = lattice.norm()
     ws = 0.5 * (lattice.filter(onehot) + lattice.filter(onehot, transpose=True))
-    vol = (onehot * d).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
-    assoc = (onehot * ws).sum(dim=(2, 3), keepdim=True)
-    dist = -2 * ws / (d.clamp_min(1e-30) * vol) + assoc / vol**2
-    dist = torch.where(allowed[:, :, None, None], dist, torch.full_like(dist, float("inf")))
-    init = torch.where(seeds, lab0, dist.argmin(dim=1))
+    init = torch.where(seeds, lab0, _kernel_distance(onehot, ws, d, allowed).argmin(dim=1))
     result = _kernel_kmeans(lattice, init, k, iters, fixed=seeds, allowed=allowed)
     has = seeds.flatten(1).any(1)
     labels = torch.where(has[:, None, None], result.labels, torch.full_like(result.labels, ignore_index))

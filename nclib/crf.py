@@ -21,13 +21,13 @@ would need the weights divided by ~0.55.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from ._checks import check_positive
+from ._checks import check_images, check_positive, check_probs, check_roi, check_tensor
 from .lattice import Permutohedral, rgbxy_features, to_pixel_major, xy_features
-from .losses import _check_images, _check_probs, _check_roi, _no_autocast
 
 __all__ = ["dense_crf", "DEEPLAB_LARGEFOV", "DEEPLAB_V2_RESNET101"]
 
@@ -93,20 +93,22 @@ def dense_crf(
     Returns:
         (B, K, H, W) float32 marginals Q; ``Q.argmax(1)`` is the labelling.
     """
+    check_tensor("probs", probs, "(B, K, H, W)")
+    check_tensor("images", images, "(B, 3, H, W)")
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
     for name, value in (("bi_xy_std", bi_xy_std), ("bi_rgb_std", bi_rgb_std), ("pos_xy_std", pos_xy_std)):
         check_positive(name, value)
     for name, value in (("bi_w", bi_w), ("pos_w", pos_w)):
-        if not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
     check_positive("clip", clip)
-    with _no_autocast(probs.device):
-        p = _check_probs(probs)
-        img = _check_images(images, probs)
-        roi_b = _check_roi(roi, probs)
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        p = check_probs(probs)
+        img = check_images(images, probs)
+        roi_b = check_roi(roi, probs)
         b, k, h, w = p.shape
         neg_unary = torch.log(to_pixel_major(p).clamp_min(clip))  # (P, K)
         q = torch.softmax(neg_unary, dim=1)

@@ -5,7 +5,8 @@ resized to the image and averaged; optionally refined by the fully connected CRF
 the argmax is scored against the mask with one confusion matrix over the set (:mod:`nclib.metrics`).
 
 The NC energy of predictions (Fig 3 of the paper) is the relaxed normalized cut ``sum_k S_k' W (1 - S_k) / d' S_k``
-of the predicted probabilities, the very quantity the loss minimizes (no scribble clamping).
+of the predicted probabilities, the very quantity the loss minimizes (no scribble clamping):
+:func:`nclib.energies.nc_energy`.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 
 from ._checks import check_rank
 from .data.labels import IGNORE_LABEL, PAD_LABEL
+from .energies import nc_energy as nc_energy_of
 from .metrics import ConfusionMeter
 
-__all__ = ["predict_probs", "nc_energy", "evaluate"]
+__all__ = ["predict_probs", "evaluate"]
 
 
 
@@ -49,22 +51,6 @@ def predict_probs(model: nn.Module, images: torch.Tensor, scales: Sequence[float
             acc = p if acc is None else acc + p
             n += 1
     return acc / n
-
-
-def nc_energy(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0, sigma_xy: float = 100.0,
-              roi: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-image relaxed normalized cut (B,) of probabilities (B, K, H, W) on images (B, 3, H, W) RGB 0..255."""
-    from .losses import normalized_cut_loss
-
-    with torch.no_grad():
-        return torch.stack([
-            normalized_cut_loss(probs[i:i + 1].float(), images[i:i + 1].float(), None, sigma_rgb=sigma_rgb,
-                                sigma_xy=sigma_xy, roi=None if roi is None else roi[i:i + 1])
-            for i in range(probs.shape[0])
-        ])
-
-
-_nc_energy = nc_energy  # the function, under a name that evaluate()'s flag does not shadow
 
 
 def evaluate(model: nn.Module, dataset, num_classes: int, device: Union[str, torch.device] = "cpu",
@@ -100,10 +86,10 @@ def evaluate(model: nn.Module, dataset, num_classes: int, device: Union[str, tor
                 meter_crf.update(refined.argmax(1), target)
             if nc_energy:
                 roi = mask != PAD_LABEL
-                energies.append(float(_nc_energy(probs, img, sigma_rgb, sigma_xy, roi)[0]))
+                energies.append(float(nc_energy_of(probs, img, sigma_rgb, sigma_xy, roi)[0]))
                 valid = mask < PAD_LABEL
                 onehot = F.one_hot(target.clamp_max(num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
-                energies_gt.append(float(_nc_energy(onehot, img, sigma_rgb, sigma_xy, valid)[0]))
+                energies_gt.append(float(nc_energy_of(onehot, img, sigma_rgb, sigma_xy, valid)[0]))
             if kmeans_energy:
                 from .losses import kmeans_loss
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._checks import check_same_device
+from ._checks import check_same_device, check_tensor
 from .data.labels import IGNORE_LABEL
 
 __all__ = ["confusion_matrix", "iou_per_class", "mean_iou", "pixel_accuracy", "ConfusionMeter"]
@@ -25,6 +25,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_tensor("pred", pred, "(B, H, W) or (H, W)")
+    check_tensor("target", target, "(B, H, W) or (H, W)")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     if pred.is_floating_point() or target.is_floating_point():
@@ -34,11 +36,13 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     p = pred.reshape(-1).long()
     keep = t != ignore_index
     t, p = t[keep], p[keep]
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        raise ValueError(f"target labels must lie in [0, {num_classes}) or be {ignore_index}; "
-                         f"found {sorted(set(t.unique().tolist()) - set(range(num_classes)))[:5]}")
-    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes):
-        raise ValueError(f"pred labels must lie in [0, {num_classes}), found range [{int(p.min())}, {int(p.max())}]")
+    if t.numel():
+        t_lo, t_hi, p_lo, p_hi = torch.stack([t.min(), t.max(), p.min(), p.max()]).tolist()  # one read
+        if t_lo < 0 or t_hi >= num_classes:
+            raise ValueError(f"target labels must lie in [0, {num_classes}) or be {ignore_index}; "
+                             f"found {sorted(set(t.unique().tolist()) - set(range(num_classes)))[:5]}")
+        if p_lo < 0 or p_hi >= num_classes:
+            raise ValueError(f"pred labels must lie in [0, {num_classes}), found range [{p_lo}, {p_hi}]")
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()
 
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive, check_rank
+from ._checks import check_images, check_labels, check_positive, check_tensor
 from .clustering import ClusteringResult, seeded_normalized_cut
+from .energies import normalized_cut, normalized_cut_gradient
 from .lattice import Permutohedral, rgbxy_features
-from .losses import _check_images, _nc_from_filter
 
 __all__ = ["grabcut_proposals", "kernelcut_proposals"]
 
@@ -73,15 +73,9 @@ def grabcut_proposals(
         margin: growth of each class's scribble bounding box (fraction of H and W) marked probable foreground.
     See the module docstring for the overlap rule. Proposals agree with every scribble.
     """
-    check_rank("images", images, 4, "(B, 3, H, W)")
-    img = _check_images(images, images)
-    check_rank("scribbles", scribbles, 3, "(B, H, W)")
-    if scribbles.is_floating_point() or scribbles.dtype == torch.bool:
-        raise ValueError(f"scribbles must be an integer label map, got dtype {scribbles.dtype}")
-    if tuple(scribbles.shape) != (img.shape[0],) + tuple(img.shape[-2:]):
-        raise ValueError(
-            f"scribbles must have shape (B, H, W) like images {tuple(img.shape)}, got {tuple(scribbles.shape)}"
-        )
+    img = check_images(images)
+    check_tensor("scribbles", scribbles, "(B, H, W)")
+    check_labels("scribbles", scribbles.to(img.device), img, None, ignore_index, "images")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     if not 0 <= margin <= 1:
@@ -94,8 +88,6 @@ def grabcut_proposals(
         if not labels:
             out.append(np.full(scr.shape, ignore_index, dtype=np.int64))
             continue
-        if any(v < 0 for v in labels):
-            raise ValueError(f"scribbles hold negative labels {[v for v in labels if v < 0]}")
         dist = np.stack([_nearest_scribble_distance(scr == c) for c in labels])  # (L, H, W)
         claims = np.stack(
             [
@@ -141,7 +133,7 @@ def kernelcut_proposals(
     check_positive("potts_weight", potts_weight)
     init = seeded_normalized_cut(images, scribbles, sigma_rgb, sigma_xy, iters=0, ignore_index=ignore_index,
                                  num_classes=num_classes)
-    img = _check_images(images, images)
+    img = check_images(images)
     b, _, h, w = img.shape
     lattice = Permutohedral(rgbxy_features(img, sigma_rgb, sigma_xy))
     d = lattice.norm()
@@ -170,14 +162,12 @@ def kernelcut_proposals(
             lab_t = torch.from_numpy(lab_np.astype(np.int64)).to(img.device)
             s = F.one_hot(lab_t, k).permute(2, 0, 1)[None].float()
             ws = 0.5 * (lat_i.filter(s) + lat_i.filter(s, transpose=True))
-            nc = float(_nc_from_filter(s, lambda _: ws, d[i : i + 1]))
+            nc = float(normalized_cut(s, lambda _: ws, d[i : i + 1]))
             pairs = int((lab_np[:, 1:] != lab_np[:, :-1]).sum() + (lab_np[1:] != lab_np[:-1]).sum())
             hist.append(nc + potts_weight * pairs / (h * w))
             if it == iters or (len(hist) > 1 and hist[-1] >= hist[-2] - 1e-12):
                 break
-            vol = (s * d[i : i + 1]).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
-            assoc = (s * ws).sum(dim=(2, 3), keepdim=True)
-            grad = (assoc * d[i : i + 1] / vol**2 - 2 * ws / vol)[0] * (h * w)  # Eq. 8, per pixel unaries
+            grad = normalized_cut_gradient(s, ws, d[i : i + 1])[0] * (h * w)  # Eq. 8, per pixel unaries
             unary = grad.permute(1, 2, 0).double().cpu().numpy().copy()
             sc = seed_compact.cpu().numpy()
             fixed = sc >= 0

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nclib.photos import BUNDLED as PHOTOS, photo
-from nclib.clustering import kernel_kmeans_nc, kmeans, nc_energy, seeded_normalized_cut
+from nclib.clustering import kernel_kmeans_nc, kmeans, seeded_normalized_cut
+from nclib.energies import nc_energy, normalized_cut
 from nclib.lattice import exact_gaussian_filter, rgbxy_features
-from nclib.losses import _nc_from_filter
+from nclib.photos import BUNDLED as PHOTOS
+from nclib.photos import photo
 
 
 def resized_photo(name: str, size: int) -> torch.Tensor:
@@ -21,7 +22,7 @@ def exact_crisp_nc(labels: torch.Tensor, img: torch.Tensor, k: int, sigma_rgb: f
     f = rgbxy_features(img.double(), sigma_rgb, sigma_xy)
     s = F.one_hot(labels, k).permute(0, 3, 1, 2).double()
     d = exact_gaussian_filter(torch.ones_like(s[:, :1]), f)
-    return float(_nc_from_filter(s, lambda v: exact_gaussian_filter(v, f), d).sum())
+    return float(normalized_cut(s, lambda v: exact_gaussian_filter(v, f), d).sum())
 
 
 def test_kmeans_energy_and_lloyd_fixed_point():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nclib.photos import BUNDLED as PHOTOS, photo_tensor
+from nclib.energies import normalized_cut
 from nclib.lattice import Permutohedral, exact_gaussian_filter, rgbxy_features
 from nclib.losses import (
     DenseCRFLoss,
@@ -16,13 +16,14 @@ from nclib.losses import (
     NELLoss,
     NormalizedCutLoss,
     PartialCrossEntropy,
-    _nc_from_filter,
     densecrf_loss,
     kmeans_loss,
     nel_loss,
     normalized_cut_loss,
     partial_cross_entropy,
 )
+from nclib.photos import BUNDLED as PHOTOS
+from nclib.photos import photo_tensor
 
 
 def colour_probs(img: torch.Tensor, k: int = 3, temperature: float = 300.0) -> torch.Tensor:
@@ -39,7 +40,7 @@ def colour_probs(img: torch.Tensor, k: int = 3, temperature: float = 300.0) -> t
 def exact_nc(probs: torch.Tensor, img: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
     f = rgbxy_features(img.double(), sigma_rgb, sigma_xy)
     ones = torch.ones_like(probs[:, :1], dtype=torch.float64)
-    return _nc_from_filter(probs.double(), lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f))
+    return normalized_cut(probs.double(), lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f))
 
 
 # ------------------------------------------------------------------------------------------ NC value
@@ -92,7 +93,7 @@ def test_nc_formula_closed_form_two_colour_image(h, w, sxy, dr):
     img, s, ca, cb = _two_colour(h, w, dr)
     f = rgbxy_features(img, 15.0, sxy)
     ones = torch.ones(1, 1, h, w, dtype=torch.float64)
-    exact = float(_nc_from_filter(s, lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f)))
+    exact = float(normalized_cut(s, lambda v: exact_gaussian_filter(v, f), exact_gaussian_filter(ones, f)))
     assert exact == pytest.approx(_closed_form_nc(h, w, sxy, 15.0, ca, cb), rel=1e-10)
 
 
@@ -136,7 +137,7 @@ def test_gradient_matches_float64_finite_differences_exact_filter():
     filt = lambda v: (v.flatten(2) @ w.T).reshape(v.shape)  # noqa: E731  (exact W v)
     d = filt(torch.ones(1, 1, 9, 9, dtype=torch.float64))
     s = colour_probs(img.float(), 3).double().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: _nc_from_filter(x, filt, d), (s,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(lambda x: normalized_cut(x, filt, d), (s,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -333,3 +334,90 @@ def test_bad_input_raises_value_error_naming_argument(case):
     name, call = list(_bad_calls())[case]
     with pytest.raises(ValueError, match=name):
         call()
+
+
+# ------------------------------------------------------------------------ labels="present" and reduction
+def present_scribbles(size: int) -> torch.Tensor:
+    """Image 0: labels 1 and 3; image 1: labels 0, 2 and 4; image 2: label 2 only (NC over one label is 0)."""
+    scr = torch.full((3, size, size), 255, dtype=torch.long)
+    scr[0, 2, :6], scr[0, size - 3, :6] = 1, 3
+    scr[1, 1, :5], scr[1, size // 2, 2:8], scr[1, size - 2, -5:] = 0, 2, 4
+    scr[2, 3, :6] = 2
+    return scr
+
+
+def test_nc_present_equals_a_per_image_reference():
+    size = 20
+    img = torch.cat([photo_tensor(n, crop=size) for n in ("astronaut", "coffee", "chelsea")])
+    logits = torch.randn(3, 5, size, size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    scr = present_scribbles(size)
+    roi = torch.ones(3, size, size, dtype=torch.bool)
+    roi[1, :, -4:] = False
+    kw = dict(sigma_xy=10.0, roi=roi)
+    got = normalized_cut_loss(logits, img, scr, from_logits=True, labels="present", reduction="none", **kw)
+    # reference: per image, the paper's NC of the softmax over its present labels, scribbles relabelled 0..P-1
+    want = []
+    for i in range(3):
+        present = sorted(set(scr[i][scr[i] != 255].tolist()))
+        if len(present) < 2:
+            want.append(torch.zeros(()))
+            continue
+        sub = torch.full_like(scr[i], 255)
+        for j, c in enumerate(present):
+            sub[scr[i] == c] = j
+        p = torch.softmax(logits[i : i + 1, present], dim=1)
+        want.append(normalized_cut_loss(p, img[i : i + 1], sub[None], sigma_xy=10.0, roi=roi[i : i + 1]))
+    want = torch.stack(want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert float(got[2].detach()) == 0.0 and bool((got[:2] > 0).all())
+    # with probabilities: the renormalisation p_P / sum p_P, the same values
+    probs = torch.softmax(logits, 1)
+    torch.testing.assert_close(normalized_cut_loss(probs, img, scr, labels="present", reduction="none", **kw), got,
+                               rtol=1e-5, atol=1e-6)
+    # absent labels and the single-label image get no gradient; present labels do
+    got.sum().backward()
+    g = logits.grad.abs().sum(dim=(2, 3))
+    assert bool((g[0, [0, 2, 4]] == 0).all()) and bool((g[0, [1, 3]] > 0).all())
+    assert bool((g[1, [1, 3]] == 0).all()) and bool((g[2] == 0).all())
+
+
+def test_nc_present_equals_all_when_every_label_is_present():
+    size = 16
+    img = torch.cat([photo_tensor(n, crop=size) for n in ("astronaut", "rocket")])
+    p = colour_probs(img, 3)
+    scr = torch.full((2, size, size), 255, dtype=torch.long)
+    for c in range(3):
+        scr[:, 2 + 5 * c, 3:9] = c
+    for reduction in ("mean", "none"):
+        a = normalized_cut_loss(p, img, scr, sigma_xy=10.0, reduction=reduction)
+        b = normalized_cut_loss(p, img, scr, sigma_xy=10.0, labels="present", reduction=reduction)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_reductions_agree():
+    img = torch.cat([photo_tensor(n, crop=16) for n in ("astronaut", "coffee", "rocket")])
+    p = colour_probs(img, 3)
+    per = normalized_cut_loss(p, img, sigma_xy=10.0, reduction="none")
+    assert per.shape == (3,)
+    torch.testing.assert_close(normalized_cut_loss(p, img, sigma_xy=10.0, reduction="sum"), per.sum())
+    torch.testing.assert_close(normalized_cut_loss(p, img, sigma_xy=10.0), per.mean())
+    singles = torch.stack([normalized_cut_loss(p[i : i + 1], img[i : i + 1], sigma_xy=10.0) for i in range(3)])
+    torch.testing.assert_close(per, singles, rtol=1e-5, atol=1e-6)
+    module = NormalizedCutLoss(sigma_xy=10.0, reduction="none")
+    torch.testing.assert_close(module(p, img), per)
+
+
+def test_bad_labels_and_reduction_are_named():
+    img = photo_tensor("coffee", crop=16)
+    p = colour_probs(img, 3)
+    scr = torch.full((1, 16, 16), 255, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels must be one of.*'some'"):
+        normalized_cut_loss(p, img, scr, labels="some")
+    with pytest.raises(ValueError, match="reduction must be one of.*'avg'"):
+        normalized_cut_loss(p, img, reduction="avg")
+    with pytest.raises(ValueError, match="labels='present' needs scribbles"):
+        normalized_cut_loss(p, img, labels="present")
+    with pytest.raises(ValueError, match="reduction"):
+        NormalizedCutLoss(reduction="batch")
+    with pytest.raises(TypeError):
+        normalized_cut_loss(p, img, None, 15.0)  # options are keyword-only

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from nclib.metrics import ConfusionMeter, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from nclib.metrics import (
+    ConfusionMeter,
+    confusion_matrix,
+    iou_per_class,
+    mean_iou,
+    pixel_accuracy,
+)
 
 
 def loop_confusion(pred, target, k, ignore=255):
@@ -85,8 +91,8 @@ class _Tiny(torch.nn.Module):
 def test_multiscale_flip_is_the_mean_of_the_softmaxes():
     import torch.nn.functional as F
 
-    from nclib.photos import photo_tensor
     from nclib.evaluate import predict_probs
+    from nclib.photos import photo_tensor
 
     img = photo_tensor("coffee", crop=32)
     m = _Tiny()
@@ -103,9 +109,10 @@ def test_multiscale_flip_is_the_mean_of_the_softmaxes():
 
 
 def test_evaluate_scores_and_nc_energy(monkeypatch):
-    from nclib.photos import photo_tensor
-    from nclib.evaluate import evaluate, nc_energy
+    from nclib.energies import nc_energy
+    from nclib.evaluate import evaluate
     from nclib.losses import normalized_cut_loss
+    from nclib.photos import photo_tensor
 
     img = photo_tensor("astronaut", crop=24)
     mask = (img[0].mean(0) > img.mean()).long()

@@ -78,34 +78,6 @@ def batch_targets(batch: Dict[str, Any], cfg: Config, device: torch.device):
     return images, target, scrib, roi
 
 
-def _nc_present_only(logits: torch.Tensor, images: torch.Tensor, scribbles: torch.Tensor, roi: torch.Tensor,
-                     cfg: Config) -> torch.Tensor:
-    """NC over the labels present in each image's scribbles: softmax over those logits only, mean over images.
-
-    Beyond the paper (its Eq. 6 sums over all K labels). Why: the ratio ``S_k'W(1 - S_k) / d'S_k`` does not depend
-    on the scale of ``S_k``, so an absent label with a faint, diffuse softmax residue contributes ~1 however small
-    its mass; with K labels and a few present, those residues dominate the loss and its gradient pushes absent
-    labels onto colour clusters. Restricting the partition to the scribbled labels removes that term (labels
-    absent from the scribbles are left to pCE / NEL). Images without scribbles contribute 0.
-    """
-    from .. import losses as L
-
-    vals = []
-    for i in range(logits.shape[0]):
-        s = scribbles[i]
-        present = torch.unique(s[s != IGNORE_LABEL])
-        if present.numel() < 2:  # one label: the partition is trivial, NC = 0
-            vals.append(logits.new_zeros(()))
-            continue
-        remap = torch.full((logits.shape[1],), IGNORE_LABEL, dtype=torch.long, device=logits.device)
-        remap[present] = torch.arange(present.numel(), device=logits.device)
-        sub = torch.where(s != IGNORE_LABEL, remap[s.clamp_max(logits.shape[1] - 1)], s)
-        probs = torch.softmax(logits[i:i + 1, present], dim=1)
-        vals.append(L.normalized_cut_loss(probs, images[i:i + 1], sub[None], sigma_rgb=cfg.sigma_rgb,
-                                          sigma_xy=cfg.sigma_xy, scale=cfg.nc_scale, roi=roi[i:i + 1]))
-    return torch.stack(vals).mean()
-
-
 def nc_term(logits: torch.Tensor, probs: torch.Tensor, images: torch.Tensor, scribbles: Optional[torch.Tensor],
             roi: torch.Tensor, cfg: Config) -> torch.Tensor:
     """The unweighted NC loss of a batch: over all K labels (the paper), or with ``cfg.nc_present_only`` over the
@@ -114,8 +86,8 @@ def nc_term(logits: torch.Tensor, probs: torch.Tensor, images: torch.Tensor, scr
     from .. import losses as L
 
     if cfg.nc_present_only:
-        # TODO(arch-losses): L.normalized_cut_loss(probs, images, scribbles, ..., labels="present")
-        return _nc_present_only(logits, images, scribbles, roi, cfg)
+        return L.normalized_cut_loss(logits, images, scribbles, sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy,
+                                     scale=cfg.nc_scale, roi=roi, from_logits=True, labels="present")
     clamp = scribbles if cfg.supervision == "scribble" else None
     return L.normalized_cut_loss(probs, images, clamp, sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy,
                                  scale=cfg.nc_scale, roi=roi)
