@@ -19,6 +19,10 @@ YAML_HASHES = {
     "default_salient_kmeans": "40b4e69b", "default_salient_nc": "c03ff7cc", "default_salient_saliency": "39dae697",
     "voc_msc_largefov_full": "5e0ac49f", "voc_msc_largefov_nc": "4c70d379", "voc_msc_largefov_pce": "3595b100",
     "voc_msc_largefov_pce_more": "e9913802", "voc_resnet101_nc": "69200342", "voc_resnet101_pce": "f8cc4856",
+    # added with the complete Table 3 / Sec 5.1 sets (2026-11-30)
+    "voc_resnet101_full": "83da8ef6", "voc_resnet101_pce_more": "23c01e18", "voc_vgg16_full": "7ff2862c",
+    "voc_vgg16_nc": "2480500b", "voc_vgg16_pce": "fbcc6b1c", "voc_vgg16_pce_more": "aa333733",
+    "msra10k_kmeans": "8cfd5dbb", "msra10k_nc": "a60a2e33", "msra10k_saliency": "b6c9f41e",
 }
 
 
