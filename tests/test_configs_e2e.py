@@ -25,6 +25,8 @@ from nclib.evaluate import evaluate
 from nclib.models import DeepLabLargeFOV, DeepLabMSc, DeepLabResNet101, DeepLabVGG16ASPP, SmallDeepLab
 from nclib.train import Config, build_datasets, load_checkpoint, load_model, run, run_dir
 
+from _torchvision import he_synthetic, torchvision_spec
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob(str(REPO / "configs" / "*.yaml")))
 CROP, BATCH, ITERS = 41, 2, 2
@@ -105,62 +107,6 @@ def _write_msra(root: Path) -> Path:
     return root
 
 
-# ------------------------------------------------------------------------------------ synthetic ImageNet weights
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-def _torchvision_spec(backbone: str):
-    """(key, shape) of torchvision's vgg16 / resnet101 state dicts (written from the VGG / ResNet papers)."""
-    spec = []
-    if backbone == "vgg16":
-        idx, cin = 0, 3
-        for v in _VGG16:
-            if v != "M":
-                spec += [(f"features.{idx}.weight", (v, cin, 3, 3)), (f"features.{idx}.bias", (v,))]
-                idx, cin = idx + 2, v  # conv + relu
-            else:
-                idx += 1
-        return spec + [("classifier.0.weight", (4096, 25088)), ("classifier.0.bias", (4096,)),
-                       ("classifier.3.weight", (4096, 4096)), ("classifier.3.bias", (4096,)),
-                       ("classifier.6.weight", (1000, 4096)), ("classifier.6.bias", (1000,))]
-
-    def bn(p, c):
-        return [(f"{p}.{n}", (c,)) for n in ("weight", "bias", "running_mean", "running_var")] + \
-            [(f"{p}.num_batches_tracked", ())]
-
-    spec = [("conv1.weight", (64, 3, 7, 7))] + bn("bn1", 64)
-    cin = 64
-    for li, (width, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 23, 3)), start=1):
-        for b in range(n):
-            p = f"layer{li}.{b}"
-            spec += [(f"{p}.conv1.weight", (width, cin, 1, 1))] + bn(f"{p}.bn1", width)
-            spec += [(f"{p}.conv2.weight", (width, width, 3, 3))] + bn(f"{p}.bn2", width)
-            spec += [(f"{p}.conv3.weight", (4 * width, width, 1, 1))] + bn(f"{p}.bn3", 4 * width)
-            if b == 0:
-                spec += [(f"{p}.downsample.0.weight", (4 * width, cin, 1, 1))] + bn(f"{p}.downsample.1", 4 * width)
-            cin = 4 * width
-    return spec + [("fc.weight", (1000, 2048)), ("fc.bias", (1000,))]
-
-
-def _synthetic_weights(backbone: str, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random weights an ImageNet net could have: He-scaled filters, small biases, BN statistics of unit scale
-    (residual branches' last BN scaled down, as trained ResNets have it), so 101 layers stay finite."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in _torchvision_spec(backbone):
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(100)
-        elif len(shape) >= 2:
-            sd[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / math.prod(shape[1:]))
-        elif key.endswith("running_var"):
-            sd[key] = 0.5 + torch.rand(shape, generator=g)
-        elif key.endswith(("running_mean", "bias")):
-            sd[key] = 0.05 * torch.randn(shape, generator=g)
-        else:  # BN scale
-            sd[key] = (0.1 if ".bn3." in key else 0.5) + 0.5 * torch.rand(shape, generator=g)
-    return sd
-
-
 # ---------------------------------------------------------------------------------------------------- fixtures
 class _World:
     """Fixture data, weights and a results root shared by the cases (stage-1 runs are trained once)."""
@@ -174,7 +120,7 @@ class _World:
     def weights(self, backbone: str) -> Path:
         if backbone not in self._weights:
             path = self.base / f"{backbone}_torchvision_like.pth"
-            torch.save(_synthetic_weights(backbone), path)
+            torch.save(he_synthetic(torchvision_spec(backbone)), path)
             self._weights[backbone] = path
         return self._weights[backbone]
 

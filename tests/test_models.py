@@ -1,8 +1,6 @@
 """DeepLab models: architecture facts from the DeepLab / torchvision papers, ImageNet key mapping, fc decimation."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -16,47 +14,10 @@ from nclib.models import (
     param_groups,
 )
 
+from _torchvision import VGG16_CONV, he_synthetic, resnet101_spec, vgg16_spec
+
+
 # ---- torchvision-like specs, written from the VGG / ResNet papers (not read from our models) ------------------
-VGG16_CONV = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
-def vgg16_spec():
-    """(key, shape) of torchvision's vgg16 state dict: features.<i> convs, classifier.0/3/6."""
-    spec, idx, cin = [], 0, 3
-    for v in VGG16_CONV:
-        if v == "M":
-            idx += 1
-            continue
-        spec += [(f"features.{idx}.weight", (v, cin, 3, 3)), (f"features.{idx}.bias", (v,))]
-        idx += 2  # conv + relu
-        cin = v
-    spec += [("classifier.0.weight", (4096, 512 * 7 * 7)), ("classifier.0.bias", (4096,)),
-             ("classifier.3.weight", (4096, 4096)), ("classifier.3.bias", (4096,)),
-             ("classifier.6.weight", (1000, 4096)), ("classifier.6.bias", (1000,))]
-    return spec
-
-
-def resnet101_spec():
-    """(key, shape) of torchvision's resnet101 state dict (bottleneck v1.5 naming)."""
-    def bn(p, c):
-        return [(f"{p}.weight", (c,)), (f"{p}.bias", (c,)), (f"{p}.running_mean", (c,)),
-                (f"{p}.running_var", (c,)), (f"{p}.num_batches_tracked", ())]
-
-    spec = [("conv1.weight", (64, 3, 7, 7))] + bn("bn1", 64)
-    cin = 64
-    for li, (width, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 23, 3)), start=1):
-        for b in range(n):
-            p = f"layer{li}.{b}"
-            spec += [(f"{p}.conv1.weight", (width, cin, 1, 1))] + bn(f"{p}.bn1", width)
-            spec += [(f"{p}.conv2.weight", (width, width, 3, 3))] + bn(f"{p}.bn2", width)
-            spec += [(f"{p}.conv3.weight", (4 * width, width, 1, 1))] + bn(f"{p}.bn3", 4 * width)
-            if b == 0:
-                spec += [(f"{p}.downsample.0.weight", (4 * width, cin, 1, 1))] + bn(f"{p}.downsample.1", 4 * width)
-            cin = 4 * width
-    spec += [("fc.weight", (1000, 2048)), ("fc.bias", (1000,))]
-    return spec
-
-
 def synthetic(spec, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {k: (torch.randn(s, generator=g) if s else torch.tensor(7)) for k, s in spec}
@@ -225,25 +186,6 @@ IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 ASPP_RATES = (6, 12, 18, 24)  # DeepLab v2 ASPP-L
 RESNET_DILATION = {1: 1, 2: 1, 3: 2, 4: 4}  # DeepLab v2: res4 (layer3) rate 2, res5 (layer4) rate 4 -> stride 8
-
-
-def he_synthetic(spec, seed=0):
-    """A torchvision-like state dict whose forward stays in float range: He-scaled weights, BN near identity."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shape in spec:
-        if not shape:
-            out[k] = torch.tensor(7)
-        elif k.endswith("running_var"):
-            out[k] = 0.5 + torch.rand(shape, generator=g)
-        elif k.endswith("running_mean") or k.endswith("bias"):
-            out[k] = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) == 1:  # BN weight
-            out[k] = 0.5 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            fan_in = math.prod(shape[1:])
-            out[k] = math.sqrt(2.0 / fan_in) * torch.randn(shape, generator=g)
-    return out
 
 
 def rgb_normalised(x):
