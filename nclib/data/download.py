@@ -38,6 +38,38 @@ def _verify(path: Path, final: Path, checksum: Optional[Tuple[str, str]], size: 
             raise ValueError(f"checksum mismatch for {final}: {algo} {got}, expected {want}")
 
 
+def _stream_to(resp, part: Path, dest: Path, start: int, progress: bool) -> None:
+    """Append (or write, when the server ignored the Range) the response body to ``part``; raise on a short body."""
+    if start and resp.status != 206:  # server ignored the Range: start over
+        start = 0
+    length = resp.headers.get("Content-Length")
+    total = int(length) + start if length is not None else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=dest.name)
+    got = start
+    try:
+        with open(part, "ab" if start else "wb") as f:
+            while True:
+                try:
+                    block = resp.read(_CHUNK)
+                except (OSError, ValueError, http.client.HTTPException) as e:  # dropped mid-body
+                    raise ValueError(f"download of {dest} interrupted after {got} bytes ({e}); rerun to resume") from e
+                if not block:
+                    break
+                f.write(block)
+                got += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+    finally:
+        if bar is not None:
+            bar.close()
+    if total is not None and got != total:
+        raise ValueError(f"truncated download of {dest}: {got} of {total} bytes; rerun to resume")
+
+
 def download(url: str, dest: os.PathLike, checksum: Optional[Tuple[str, str]] = None, size: Optional[int] = None,
              progress: bool = True, timeout: float = 60.0) -> Path:
     """Fetch ``url`` to ``dest`` unless a verified file is already there; resume a ``dest.part`` left behind.
@@ -67,37 +99,7 @@ def download(url: str, dest: os.PathLike, checksum: Optional[Tuple[str, str]] = 
         raise ValueError(f"download of {url} failed: {e} (target {dest})") from e
     if resp is not None:
         with resp:
-            if start and resp.status != 206:  # server ignored the Range: start over
-                start = 0
-            length = resp.headers.get("Content-Length")
-            total = int(length) + start if length is not None else None
-            mode = "ab" if start else "wb"
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=dest.name)
-            got = start
-            try:
-                with open(part, mode) as f:
-                    while True:
-                        try:
-                            block = resp.read(_CHUNK)
-                        except (OSError, ValueError, http.client.HTTPException) as e:  # dropped mid-body
-                            raise ValueError(
-                                f"download of {dest} interrupted after {got} bytes ({e}); rerun to resume"
-                            ) from e
-                        if not block:
-                            break
-                        f.write(block)
-                        got += len(block)
-                        if bar is not None:
-                            bar.update(len(block))
-            finally:
-                if bar is not None:
-                    bar.close()
-            if total is not None and got != total:
-                raise ValueError(f"truncated download of {dest}: {got} of {total} bytes; rerun to resume")
+            _stream_to(resp, part, dest, start, progress)
     try:
         _verify(part, dest, checksum, size)
     except ValueError as e:

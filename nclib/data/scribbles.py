@@ -10,7 +10,7 @@ covered (one calibration pass measures the drawn area and rescales).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -121,6 +121,60 @@ def _draw(shape: Tuple[int, int], path: np.ndarray, start: int, length: int, wid
     return draw_polyline(canvas, seg[:, ::-1], 1, width).astype(bool)
 
 
+def _check_scribble_args(mask: np.ndarray, num_classes: int, fraction: float, width: int, ignore_index: int) -> None:
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (H, W), got shape {mask.shape}")
+    if mask.dtype.kind not in "iub":
+        raise ValueError(f"mask must be an integer array, got dtype {mask.dtype}")
+    if not (0 < fraction < 1):
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    cv2_thickness(width)  # validates the width
+    if not (0 < num_classes <= 255) or ignore_index < num_classes or ignore_index > 255:
+        raise ValueError(f"need 0 < num_classes <= ignore_index <= 255, got num_classes={num_classes}, "
+                         f"ignore_index={ignore_index}")
+    bad = (mask != ignore_index) & ((mask < 0) | (mask >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"mask has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
+            f"{sorted(np.unique(mask[bad]).tolist())[:10]}"
+        )
+
+
+def _stroke_core(comp: np.ndarray, width: int) -> Optional[np.ndarray]:
+    """The part of a region a stroke may run through: eroded by a margin that grows with the region, as a person
+    keeps strokes off the edges, relaxed until at least 2 pixels remain (None if none do)."""
+    area = int(comp.sum())
+    margin = int(np.clip(0.12 * np.sqrt(area / np.pi), 1, 8))
+    for r in range(width // 2 + margin, -1, -1):
+        er = ndimage.binary_erosion(comp, structure=_disk(r)) if r > 0 else comp
+        if er.sum() >= 2:
+            return er
+    return None
+
+
+def _stroke_regions(mask: np.ndarray, ignore_index: int, width: int, min_area: int,
+                    background_strokes: int) -> List[Tuple[int, np.ndarray, np.ndarray]]:
+    """(class, region pixels, skeleton path) per stroke: one per connected region of at least ``min_area``
+    pixels, ``background_strokes`` pieces for class 0."""
+    regions: List[Tuple[int, np.ndarray, np.ndarray]] = []
+    for c in np.unique(mask[mask != ignore_index]).tolist():
+        lab, n = ndimage.label(mask == c, structure=_EIGHT)
+        for k in range(1, n + 1):
+            comp = lab == k
+            if int(comp.sum()) < min_area:
+                continue
+            core = _stroke_core(comp, width)
+            if core is None:
+                continue
+            path = _longest_skeleton_path(core)
+            strokes = background_strokes if c == 0 else 1
+            if strokes > 1 and len(path) >= 4 * strokes:
+                regions.extend((c, comp, piece) for piece in np.array_split(path, strokes))
+            else:
+                regions.append((c, comp, path))
+    return regions
+
+
 def synthesize_scribbles(
     mask: np.ndarray,
     num_classes: int,
@@ -138,22 +192,7 @@ def synthesize_scribbles(
     Regions smaller than ``min_area`` pixels (default ``2 * width**2``) get no stroke.
     """
     mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must have shape (H, W), got shape {mask.shape}")
-    if mask.dtype.kind not in "iub":
-        raise ValueError(f"mask must be an integer array, got dtype {mask.dtype}")
-    if not (0 < fraction < 1):
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    cv2_thickness(width)  # validates the width
-    if not (0 < num_classes <= 255) or ignore_index < num_classes or ignore_index > 255:
-        raise ValueError(f"need 0 < num_classes <= ignore_index <= 255, got num_classes={num_classes}, "
-                         f"ignore_index={ignore_index}")
-    bad = (mask != ignore_index) & ((mask < 0) | (mask >= num_classes))
-    if bad.any():
-        raise ValueError(
-            f"mask has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
-            f"{sorted(np.unique(mask[bad]).tolist())[:10]}"
-        )
+    _check_scribble_args(mask, num_classes, fraction, width, ignore_index)
     min_area = 2 * width * width if min_area is None else min_area
     rng = np.random.default_rng(seed)
     h, w = mask.shape
@@ -162,32 +201,7 @@ def synthesize_scribbles(
     if valid == 0:
         return out
 
-    # Regions: (class, pixels, path); one entry per stroke.
-    regions: List[Tuple[int, np.ndarray, np.ndarray]] = []
-    for c in np.unique(mask[mask != ignore_index]).tolist():
-        lab, n = ndimage.label(mask == c, structure=_EIGHT)
-        for k in range(1, n + 1):
-            comp = lab == k
-            area = int(comp.sum())
-            if area < min_area:
-                continue
-            # A margin from the border that grows with the region, as a person keeps strokes off the edges.
-            margin = int(np.clip(0.12 * np.sqrt(area / np.pi), 1, 8))
-            core = None
-            for r in range(width // 2 + margin, -1, -1):
-                er = ndimage.binary_erosion(comp, structure=_disk(r)) if r > 0 else comp
-                if er.sum() >= 2:
-                    core = er
-                    break
-            if core is None:
-                continue
-            path = _longest_skeleton_path(core)
-            strokes = background_strokes if c == 0 else 1
-            if strokes > 1 and len(path) >= 4 * strokes:
-                for piece in np.array_split(path, strokes):
-                    regions.append((c, comp, piece))
-            else:
-                regions.append((c, comp, path))
+    regions = _stroke_regions(mask, ignore_index, width, min_area, background_strokes)
     if not regions:
         return out
 
