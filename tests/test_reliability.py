@@ -197,6 +197,13 @@ def test_garbage_weights_after_the_last_step_are_caught(tiny_root, tmp_path, mon
         train(tiny_cfg(tiny_root, ce_weight=0.0, nc_weight=1.0, iterations=1), tmp_path / "g", progress=False)
 
 
+def test_nc_alone_at_huge_lr_does_not_finish_on_garbage(tiny_root, tmp_path):
+    """NC is scale-free in the logits: at lr 1e6 the weights blow up to ~1e15 with finite, plausible losses."""
+    with pytest.raises(NonFiniteLossError, match=r"iteration 1: the network's output \(logits\) reached .*'nc'"):
+        train(tiny_cfg(tiny_root, ce_weight=0.0, nc_weight=1.0, lr=1e6, iterations=4), tmp_path / "nc",
+              progress=False)
+
+
 def test_cli_exits_nonzero_naming_the_iteration(tiny_root, tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text(json.dumps(tiny_cfg(tiny_root, iterations=3).to_dict()))

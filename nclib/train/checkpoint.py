@@ -81,12 +81,22 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {path} refused: it holds objects other than tensors and plain containers, "
-                         f"which could run code when loaded, so it was not loaded ({first})") from None
+        why = _unpickler_reason(str(err))
+        if "global" in why.lower():  # a class or function to import and call: what a crafted file needs
+            raise ValueError(f"checkpoint {path} refused: it holds objects other than tensors and plain containers, "
+                             f"which could run code when loaded, so it was not loaded ({why})") from None
+        raise ValueError(f"checkpoint {path} is not a readable torch file (truncated or corrupt?): {why}") from None
     except Exception as err:  # truncated zip, garbage bytes, a foreign format: torch raises many kinds
         msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ValueError(f"checkpoint {path} is not a readable torch file (truncated or corrupt?): {msg}") from None
+
+
+def _unpickler_reason(msg: str) -> str:
+    """The informative line of torch's weights-only error (its advice to disable the check left out)."""
+    boiler = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)",
+              "In PyTorch", "WeightsUnpickler error")
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
+    return lines[-1][:200] if lines else "unsupported content"
 
 
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:

@@ -35,15 +35,22 @@ from .checkpoint import (
 from .config import Config, config_hash
 from .stream import SeededDataset, StreamSampler, build_datasets, collate
 
-__all__ = ["train", "NonFiniteLossError", "loss_terms", "nc_term", "batch_targets", "poly_lr", "dist_env",
+__all__ = ["train", "NonFiniteLossError", "MAX_LOGIT", "loss_terms", "nc_term", "batch_targets", "poly_lr", "dist_env",
            "resolve_device"]
 
 Callback = Callable[[int, Dict[str, float]], None]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when the logits, a loss term or the weights turn NaN/inf: the run stops instead of training on
-    garbage. The message names the iteration, the loss terms and the likely fix (a lower ``lr``)."""
+    """Raised when the logits, a loss term or the weights turn NaN/inf, or the logits exceed :data:`MAX_LOGIT`:
+    the run stops instead of training on garbage. The message names the iteration, the loss terms and the likely
+    fix (a lower ``lr``)."""
+
+
+# |logits| beyond this: float32 softmax is exactly one-hot (exp underflows past ~100), so the gradients of the
+# losses vanish and the weights stay garbage with finite, plausible-looking losses (NC alone at lr 1e6 reaches 1e9
+# in one step). A trained network stays in the tens.
+MAX_LOGIT = 1e4
 
 
 # --------------------------------------------------------------------------------------- distributed
@@ -314,8 +321,10 @@ def _step(st: _State, batch: Dict[str, Any], it: int) -> Dict[str, float]:
     images, target, scrib, roi = batch_targets(batch, cfg, st.device)
     with torch.autocast(device_type=st.device.type, dtype=torch.float16, enabled=st.scaler.is_enabled()):
         logits = st.net(images)
-    if not bool(torch.isfinite(logits.detach().float()).all()):
-        raise NonFiniteLossError(_diverged(st, it, "the network's output (logits) is not finite"))
+    peak = float(logits.detach().float().abs().max())
+    if not peak <= MAX_LOGIT:  # also NaN
+        raise NonFiniteLossError(_diverged(st, it, f"the network's output (logits) reached {peak:.3g} (beyond "
+                                                   f"{MAX_LOGIT:g} the softmax is one-hot: the weights blew up)"))
     terms = loss_terms(logits, images, target, scrib, roi, cfg)
     vals = {k: float(v.detach()) for k, v in terms.items()}
     if not all(math.isfinite(v) for v in vals.values()):
