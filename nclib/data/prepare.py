@@ -23,8 +23,8 @@ import io
 import json
 import os
 import tarfile
-import zipfile
 import xml.etree.ElementTree as ET
+import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .datasets import IGNORE_LABEL, VOC_CLASS_NAMES
+from .datasets import IGNORE_LABEL, READ_ERRORS, VOC_CLASS_NAMES, binary_mask
 from .download import download
 from .scribbles import draw_polyline
 
@@ -114,8 +114,17 @@ def _label_from_bytes(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.array(im if im.mode in ("P", "L") else im.convert("L"))
-    except (OSError, SyntaxError) as e:
+    except READ_ERRORS as e:
         raise ValueError(f"cannot read label image {name}: {e}") from e
+
+
+def _image_size(data: bytes, name: str) -> Tuple[int, int]:
+    """(H, W) of an encoded image; a ValueError naming it when unreadable or over PIL's decompression-bomb limit."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[1], im.size[0]
+    except READ_ERRORS as e:
+        raise ValueError(f"cannot read image {name}: {e}") from e
 
 
 def _check_range(arr: np.ndarray, num_classes: int, name: str, what: str) -> None:
@@ -280,8 +289,7 @@ def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[
                 if folder == "JPEGImages" and p.suffix == ".jpg":
                     data = _read_member(tar, m, voc_tar)
                     _write_atomic(root / "JPEGImages" / p.name, data)
-                    with Image.open(io.BytesIO(data)) as im:
-                        sizes[p.stem] = (im.size[1], im.size[0])
+                    sizes[p.stem] = _image_size(data, f"{voc_tar}:{m.name}")
                 elif folder == "SegmentationClass" and p.suffix == ".png":
                     where = f"{voc_tar}:{m.name}"
                     arr = _label_from_bytes(_read_member(tar, m, voc_tar), where)
@@ -328,8 +336,7 @@ def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[
         if iid not in voc_seg and iid not in sbd_seg:
             raise ValueError(f"image {iid}.jpg has no mask: neither VOC SegmentationClass nor SBD cls/{iid}.mat")
         mpath = root / "SegmentationClassAug" / f"{iid}.png"
-        with Image.open(mpath) as im:
-            msize = (im.size[1], im.size[0])
+        msize = _image_size(mpath.read_bytes(), str(mpath))
         if msize != sizes[iid]:
             raise ValueError(f"mask {mpath} has size {msize} but JPEGImages/{iid}.jpg has {sizes[iid]}")
 
@@ -407,15 +414,11 @@ def prepare_msra10k(root: PathLike, base_url: Optional[str] = None, cache: Optio
         for iid in _bar(sorted(jpgs), len(jpgs), "MSRA10K", progress):
             img = _read_member(z, jpgs[iid], zpath)
             mask = _label_from_bytes(_read_member(z, pngs[iid], zpath), f"{zpath}:{pngs[iid]}")
-            try:
-                with Image.open(io.BytesIO(img)) as im:
-                    size = (im.size[1], im.size[0])
-            except (OSError, SyntaxError) as e:
-                raise ValueError(f"cannot read image {zpath}:{jpgs[iid]}: {e}") from e
+            size = _image_size(img, f"{zpath}:{jpgs[iid]}")
             if mask.shape != size:
                 raise ValueError(f"mask {zpath}:{pngs[iid]} has size {mask.shape}, image has {size}")
             _write_atomic(imgs / f"{iid}.jpg", img)
-            _write_atomic(imgs / f"{iid}.png", _png_bytes(np.where(mask >= 128, 255, 0)))
+            _write_atomic(imgs / f"{iid}.png", _png_bytes(255 * binary_mask(mask, f"{zpath}:{pngs[iid]}")))
     ids = sorted(jpgs)
     perm = np.random.default_rng(seed).permutation(len(ids))
     n_val = max(1, int(round(val_fraction * len(ids))))
