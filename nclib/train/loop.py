@@ -227,6 +227,10 @@ def _setup(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
     model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, **cfg.model_args)
     if cfg.init_checkpoint:
         init_path = resolve_checkpoint_path(cfg.init_checkpoint)
+        if not init_path.is_file():
+            raise ValueError(f"init_checkpoint {cfg.init_checkpoint} not found (nor under the results root): train "
+                             f"stage 1 first; run() and `python -m nclib train` retrain a stage 1 of the results "
+                             f"cache whose metrics.json is there but whose model.pt is not")
         ck = load_checkpoint(init_path)
         check_compatible(ck, cfg.model, num_classes, init_path, cfg.model_args)
         _check_finished(ck, init_path)
@@ -365,7 +369,8 @@ class _Interrupt:
 
     def __init__(self) -> None:
         self.flag = False
-        self.prev: Any = None
+        self.installed = False
+        self.prev: Any = signal.default_int_handler
 
     def _handler(self, signum, frame) -> None:
         self.flag = True
@@ -373,11 +378,13 @@ class _Interrupt:
 
     def __enter__(self) -> "_Interrupt":
         if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(signal.SIGINT, self._handler)
+            prev = signal.signal(signal.SIGINT, self._handler)
+            self.prev = prev if prev is not None else signal.SIG_DFL  # None: a handler not set from Python
+            self.installed = True
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.prev is not None:
+        if self.installed:
             signal.signal(signal.SIGINT, self.prev)
 
     def pending(self, st: _State) -> bool:
