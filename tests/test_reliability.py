@@ -322,18 +322,40 @@ def test_cli_train_without_config_prints_help(monkeypatch, capsys):
     assert "--config is required" in err and "usage" in err
 
 
-def test_cli_evaluate_edges(finished, tmp_path, capsys):
-    from nclib import __version__
+def test_cli_rejects_a_negative_max_images(finished, capsys):
     from nclib.__main__ import main
 
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--checkpoint", str(finished), "--max-images", "-3"])
     assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+def test_cli_json_in_a_missing_folder_fails_first(finished, tmp_path, capsys, monkeypatch):
+    from nclib import evaluate as E
+    from nclib.__main__ import main
+
+    def boom(*a, **k):
+        raise AssertionError("must not evaluate")
+
+    monkeypatch.setattr(E, "evaluate", boom)
     assert main(["evaluate", "--checkpoint", str(finished), "--json", str(tmp_path / "nope" / "r.json")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert main(["evaluate", "--checkpoint", str(finished), "--device", "cuda"]) == 2
-        assert "CUDA is not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_a_gpu_is_one_line(finished, capsys):
+    from nclib.__main__ import main
+
+    assert main(["evaluate", "--checkpoint", str(finished), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_version(capsys):
+    from nclib import __version__
+    from nclib.__main__ import main
+
     with pytest.raises(SystemExit) as e:
         main(["--version"])
-    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nclib {__version__}"
