@@ -116,6 +116,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
     if args.cmd == "train" and not args.config:  # no silent hours-long default run
+        from .train import Config
+
+        try:  # a bad --set is still reported as such
+            Config.from_dict(_parse_set(args.set))
+        except ValueError as err:
+            print(f"nclib train: error: {err}", file=sys.stderr)
+            return 2
         t.print_help(sys.stderr)
         print("nclib train: error: --config is required", file=sys.stderr)
         return 2

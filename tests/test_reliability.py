@@ -320,6 +320,8 @@ def test_cli_train_without_config_prints_help(monkeypatch, capsys):
     assert main(["train"]) == 2
     err = capsys.readouterr().err
     assert "--config is required" in err and "usage" in err
+    assert main(["train", "--set", "lr=0.01"]) == 2  # overrides alone are still the hours-long default run
+    assert "--config is required" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_negative_max_images(finished, capsys):
