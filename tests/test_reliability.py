@@ -82,6 +82,21 @@ def test_checkpoints_hold_only_tensors_and_plain_containers(finished):
     assert offenders == []
 
 
+def test_checkpoints_of_the_old_format_still_load(tiny_root, finished, tmp_path):
+    """model.pt files written before (RNG states as numpy arrays / tuples) load and resume: only the numpy array
+    reconstruction is allowed beyond tensors, nothing that could run code."""
+    import numpy as np
+
+    ck = torch.load(finished, weights_only=True)
+    ck["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    (tmp_path / "old").mkdir()
+    torch.save(ck, tmp_path / "old" / "model.pt")
+    model, cfg = load_model(tmp_path / "old" / "model.pt")
+    assert cfg.iterations == 2 and next(model.parameters()).dtype == torch.float32
+    train(tiny_cfg(tiny_root, iterations=2), tmp_path / "old", progress=False)  # resumes (nothing left to do)
+    assert_same_weights(ck["model"], weights(tmp_path / "old" / "model.pt"))
+
+
 def test_rng_state_round_trip_is_exact():
     import numpy as np
 
