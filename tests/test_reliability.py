@@ -139,23 +139,36 @@ def test_init_checkpoint_of_other_model_args_is_named(tiny_root, finished, tmp_p
 
 
 # ---- 2: Ctrl-C at a random point resumes exactly ------------------------------------------------------------------
-def _interrupt_at(model, opt, dataset_cls, where: str, nth: int, monkeypatch):
-    """Arrange a SIGINT at the ``nth`` call of one place of an iteration (data, dropout, loss, after the step)."""
+def interrupt_at(where: str, nth: int, monkeypatch):
+    """Arrange a SIGINT at the ``nth`` call of one place of an iteration: a sample's loading, the dropout layer's
+    forward (after it drew from the RNG), the CE loss, or right after the optimizer step."""
+    from nclib.train import loop
+    from nclib.train.stream import SeededDataset
+
     calls = {"n": 0}
 
-    def fire():
+    def fire(*a):
         calls["n"] += 1
         if calls["n"] == nth:
             os.kill(os.getpid(), signal.SIGINT)
 
     if where == "dropout":
-        return model.drop.register_forward_hook(lambda *a: fire())
-    if where == "step":
-        return opt.register_step_post_hook(lambda *a: fire())
-    if where == "data":
-        real = dataset_cls.__getitem__
-        monkeypatch.setattr(dataset_cls, "__getitem__", lambda self, i: (fire(), real(self, i))[1])
-    if where == "loss":
+        real_build = loop.build_model
+
+        def build(*a, **k):
+            model = real_build(*a, **k)
+            model.drop.register_forward_hook(fire)
+            return model
+
+        monkeypatch.setattr(loop, "build_model", build)
+    elif where == "step":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        return register_optimizer_step_post_hook(fire)  # the caller removes it when the trial ends
+    elif where == "data":
+        real = SeededDataset.__getitem__
+        monkeypatch.setattr(SeededDataset, "__getitem__", lambda self, i: (fire(), real(self, i))[1])
+    else:
         import nclib.losses as L
 
         real_ce = L.partial_cross_entropy
@@ -164,26 +177,20 @@ def _interrupt_at(model, opt, dataset_cls, where: str, nth: int, monkeypatch):
 
 
 def test_sigint_at_a_random_point_resumes_exactly(tiny_root, tmp_path, monkeypatch):
-    from nclib.train import loop
-    from nclib.train.stream import SeededDataset
-
     cfg = tiny_cfg(tiny_root, iterations=5, crop=24, model_args={"width": 8, "dropout": 0.5}, cache_data=False)
     ref = train(cfg, tmp_path / "ref", progress=False)
-    real_setup = loop._setup
     rnd = random.Random(12)
     for trial in range(10):
         where, nth = rnd.choice(["dropout", "step", "data", "loss"]), rnd.randint(1, 4)
-
+        out = tmp_path / f"t{trial}"
         with monkeypatch.context() as m:
-            def setup(*a, **k):
-                st = real_setup(*a, **k)
-                _interrupt_at(st.model, st.opt, SeededDataset, where, nth, m)
-                return st
-
-            m.setattr(loop, "_setup", setup)
-            out = tmp_path / f"t{trial}"
-            with pytest.raises(KeyboardInterrupt):
-                train(cfg, out, progress=False)
+            handle = interrupt_at(where, nth, m)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    train(cfg, out, progress=False)
+            finally:
+                if handle is not None:
+                    handle.remove()
         saved = torch.load(out / "model.pt", weights_only=True)["iteration"]
         assert 1 <= saved < cfg.iterations, (where, nth)
         res = train(cfg, out, progress=False)
