@@ -33,8 +33,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
         pytest.skip(f"torchrun could not open a local port: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    a = torch.load(tmp_path / "one" / "model.pt", weights_only=False)
-    b = torch.load(tmp_path / "two" / "model.pt", weights_only=False)
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
     assert b["iteration"] == 3 and len(b["rng"]) == 2  # one RNG state per rank
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6, msg=k)

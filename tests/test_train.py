@@ -55,7 +55,7 @@ def tiny_cfg(root, **kw):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def assert_same_weights(a, b):
@@ -130,7 +130,7 @@ def test_same_seed_same_numbers_and_exact_resume(tiny_root, tmp_path):
 
     with pytest.raises(Killed):
         train(cfg, tmp_path / "c", progress=False, callback=kill_at_5)
-    assert torch.load(tmp_path / "c" / "model.pt", weights_only=False)["iteration"] == 4
+    assert torch.load(tmp_path / "c" / "model.pt", weights_only=True)["iteration"] == 4
     resumed = train(cfg, tmp_path / "c", progress=False)
     assert_same_weights(weights(tmp_path / "a" / "model.pt"), weights(tmp_path / "c" / "model.pt"))
     assert resumed["history"]["train"] == full["history"]["train"]
@@ -161,7 +161,7 @@ def test_checkpoint_of_another_model_or_class_count(tiny_root, tmp_path):
     with pytest.raises(ValueError, match="holds model 'small' with 2 classes.*'largefov'"):
         train(tiny_cfg(tiny_root, model="largefov", model_args={}, init_checkpoint=str(ck)), tmp_path / "x",
               progress=False)
-    fake = torch.load(ck, weights_only=False)
+    fake = torch.load(ck, weights_only=True)
     fake["num_classes"] = 21
     torch.save(fake, tmp_path / "fake.pt")
     with pytest.raises(ValueError, match="21 classes"):

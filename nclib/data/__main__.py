@@ -30,6 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .default import DEFAULT_SEED, default_root, make_default
 
             root = args.root if args.root is not None else default_root()
+            if root.exists() and not root.is_dir():
+                raise ValueError(f"--root {root} is a file, not a folder")
             if not args.force and (root / "meta.json").is_file():
                 print(f"default data set already at {root} (--force regenerates it)")
             elif not args.force and root.exists() and any(root.iterdir()):
@@ -50,6 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{args.dataset} ready at {out}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable or odd target: one line, not a traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
 

@@ -27,8 +27,14 @@ __all__ = [
     "MaskFolderDataset",
     "read_image",
     "read_label",
+    "binary_mask",
     "prepare_command",
+    "READ_ERRORS",
 ]
+
+#: what reading an image file can raise: unreadable / truncated files, and PIL's refusal of images whose pixel count
+#: suggests a decompression bomb (``PIL.Image.MAX_IMAGE_PIXELS``); turned into a ValueError naming the file
+READ_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
 VOC_CLASS_NAMES = (
@@ -54,7 +60,7 @@ def read_image(path: PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB")).copy()
-    except (OSError, SyntaxError) as e:
+    except READ_ERRORS as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
@@ -72,8 +78,27 @@ def read_label(path: PathLike) -> np.ndarray:
             else:
                 arr = np.asarray(im.convert("L"))
             return np.array(arr)
-    except (OSError, SyntaxError) as e:
+    except READ_ERRORS as e:
         raise ValueError(f"cannot read label image {path}: {e}") from e
+
+
+def binary_mask(arr: np.ndarray, path: Union[PathLike, str], threshold: int = 128) -> np.ndarray:
+    """(H, W) uint8 in {0, 1} from a binary mask's values: {0, 1} and {0, 255} as they are; a JPEG mask (ringing)
+    thresholded at ``threshold``; other values in a lossless file are an error naming it (a wrong palette or a
+    label map would otherwise become a silently wrong mask)."""
+    vals = np.unique(arr)
+    if vals.size and vals.max() <= 1 and vals.min() >= 0:
+        return arr.astype(np.uint8)
+    if set(vals.tolist()) <= {0, 255}:
+        return (arr == 255).astype(np.uint8)
+    shown = vals.tolist()[:8]
+    if str(path).lower().endswith((".jpg", ".jpeg")):
+        if vals.max() < threshold:
+            raise ValueError(f"mask {path} has values up to {vals.max()}, all below the threshold {threshold}: a 0/1 "
+                             f"mask saved as JPEG? Save binary masks as PNG with values 0/1 or 0/255")
+        return (arr >= threshold).astype(np.uint8)
+    raise ValueError(f"mask {path} has values {shown}{' ...' if vals.size > 8 else ''}: a binary mask holds "
+                     f"{{0, 1}} or {{0, 255}}")
 
 
 def _check_labels(arr: np.ndarray, num_classes: int, path: Path, what: str) -> None:
@@ -200,7 +225,8 @@ class MaskFolderDataset(Dataset):
       ``mask_dir`` rename the folders). Where sizes differ the image is resized to the mask's size (area
       interpolation), as SOURCE.md of the horse set prescribes.
 
-    Masks are thresholded: ``mask >= threshold`` is foreground (JPEG masks carry ringing). ``scribbles`` is
+    Masks hold {0, 1} or {0, 255}; JPEG masks (ringing) are thresholded, ``mask >= threshold`` is foreground;
+    other values are an error naming the file, and so is an image/mask size mismatch in the msra layout. ``scribbles`` is
     "synthesize" (ScribbleSup-like strokes, seeded by ``seed`` and the id, so fixed per image) or "none" (all 255).
     ``split=None`` takes every pair; with a split name and no list file the pairs are split deterministically
     (every ``val_every``-th sorted id goes to "val").
@@ -292,9 +318,10 @@ class MaskFolderDataset(Dataset):
         iid = self.ids[index]
         ipath, mpath = self.pairs[iid]
         image = read_image(ipath)
-        mask = read_label(mpath)
-        mask = (mask >= self.threshold).astype(np.uint8)
+        mask = binary_mask(read_label(mpath), mpath, self.threshold)
         if image.shape[:2] != mask.shape:
+            if self.layout == "msra":  # MSRA10K's masks are pixel-aligned with their images: a mismatch is an error
+                raise ValueError(f"mask {mpath} has size {mask.shape} but image {ipath} has {image.shape[:2]}")
             image = cv2.resize(image, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_AREA)
         if self.scribbles == "synthesize":
             seed = self.seed * 1_000_003 + zlib.crc32(iid.encode())

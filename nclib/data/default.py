@@ -317,13 +317,21 @@ def make_default(root: Optional[os.PathLike] = None, seed: int = DEFAULT_SEED, f
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         counts = {k: min(v, count) for k, v in counts.items()}
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--root {root} is a file, not a folder")
     if root.exists() and not force:
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+    except OSError as err:
+        raise ValueError(f"cannot create the default data set under {root.parent}: "
+                         f"{err.strerror or err} ({type(err).__name__})") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data set is not
     try:
-        _build(tmp, seed, counts, size)
+        with _terminate_as_exit():
+            _build(tmp, seed, counts, size)
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
             os.replace(root, old / root.name)
@@ -337,6 +345,48 @@ def make_default(root: Optional[os.PathLike] = None, seed: int = DEFAULT_SEED, f
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _sweep_stale(root: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` build folders left by builds that were killed (their process is gone)."""
+    for p in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = p.name[len(f".{root.name}.tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class _terminate_as_exit:
+    """SIGTERM (``kill``, a job scheduler) raises SystemExit during the build, so its temporary folder is removed;
+    SIGKILL cannot be caught: the next build sweeps what it leaves (:func:`_sweep_stale`)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.prev = None
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):
+                raise SystemExit(128 + signum)
+
+            self.prev = signal.signal(signal.SIGTERM, on_term)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.prev is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self.prev)
 
 
 def ensure_default(root: Optional[os.PathLike] = None) -> Path:

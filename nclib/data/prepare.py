@@ -23,8 +23,8 @@ import io
 import json
 import os
 import tarfile
-import zipfile
 import xml.etree.ElementTree as ET
+import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .datasets import IGNORE_LABEL, VOC_CLASS_NAMES
+from .datasets import IGNORE_LABEL, READ_ERRORS, VOC_CLASS_NAMES, binary_mask
 from .download import download
 from .scribbles import draw_polyline
 
@@ -114,8 +114,17 @@ def _label_from_bytes(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.array(im if im.mode in ("P", "L") else im.convert("L"))
-    except (OSError, SyntaxError) as e:
+    except READ_ERRORS as e:
         raise ValueError(f"cannot read label image {name}: {e}") from e
+
+
+def _image_size(data: bytes, name: str) -> Tuple[int, int]:
+    """(H, W) of an encoded image; a ValueError naming it when unreadable or over PIL's decompression-bomb limit."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[1], im.size[0]
+    except READ_ERRORS as e:
+        raise ValueError(f"cannot read image {name}: {e}") from e
 
 
 def _check_range(arr: np.ndarray, num_classes: int, name: str, what: str) -> None:
@@ -244,30 +253,10 @@ def _ids(text: str) -> List[str]:
 # --------------------------------------------------------------------------------------------- VOC
 
 
-def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[PathLike] = None,
-                progress: bool = True, checksums: Optional[Dict[str, Optional[Tuple[str, str]]]] = None,
-                scribbles: str = "png", scribble_width: int = 3) -> Path:
-    """Download VOC 2012, SBD and ScribbleSup scribbles and convert them into ``root`` (see module doc).
-
-    ``scribbles``: "png" (rloss's rasterized PNGs) or "xml" (ScribbleSup's polylines, rasterized here with
-    ``cv2.polylines`` ``scribble_width`` px wide). ``checksums`` replaces :data:`KNOWN_CHECKSUMS`.
-    """
-    if scribbles not in ("png", "xml"):
-        raise ValueError(f"scribbles must be 'png' or 'xml', got {scribbles!r}")
-    root = Path(root)
-    if _is_complete(root, "voc"):
-        return root
-    cache = Path(cache) if cache is not None else root / "downloads"
-    voc_tar = _fetch(VOC_URL, base_url, cache, checksums, progress)
-    sbd_tgz = _fetch(SBD_URL, base_url, cache, checksums, progress)
-    scr_zip = _fetch(SCRIBBLE_PNG_URL if scribbles == "png" else SCRIBBLE_XML_URL, base_url, cache, checksums,
-                     progress)
-
-    for sub in ("JPEGImages", "SegmentationClassAug", "pascal_2012_scribble", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+def _voc_pass(root: Path, voc_tar: Path, progress: bool):
+    """1. VOC: images, its own masks (palette PNG -> indices) and lists. One streaming pass over the archive.
+    Returns (image sizes by id, ids with a VOC mask, split lists)."""
     sizes: Dict[str, Tuple[int, int]] = {}
-
-    # 1. VOC: images, its own masks (palette PNG -> indices) and lists. One streaming pass over the archive.
     lists: Dict[str, List[str]] = {}
     voc_seg: set = set()
     with _open_tar(voc_tar) as tar:
@@ -280,8 +269,7 @@ def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[
                 if folder == "JPEGImages" and p.suffix == ".jpg":
                     data = _read_member(tar, m, voc_tar)
                     _write_atomic(root / "JPEGImages" / p.name, data)
-                    with Image.open(io.BytesIO(data)) as im:
-                        sizes[p.stem] = (im.size[1], im.size[0])
+                    sizes[p.stem] = _image_size(data, f"{voc_tar}:{m.name}")
                 elif folder == "SegmentationClass" and p.suffix == ".png":
                     where = f"{voc_tar}:{m.name}"
                     arr = _label_from_bytes(_read_member(tar, m, voc_tar), where)
@@ -295,8 +283,11 @@ def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[
     for need in ("train", "val"):
         if need not in lists:
             raise ValueError(f"{voc_tar} lacks {_VOC}ImageSets/Segmentation/{need}.txt: not a VOC 2012 archive?")
+    return sizes, voc_seg, lists
 
-    # 2. SBD: cls/*.mat -> masks for the images VOC did not segment (VOC's own masks win); its train/val lists.
+
+def _sbd_pass(root: Path, sbd_tgz: Path, voc_seg: set, progress: bool):
+    """2. SBD: cls/*.mat -> masks for the images VOC did not segment (VOC's own masks win); its train/val lists."""
     sbd_lists: Dict[str, List[str]] = {}
     sbd_seg: set = set()
     with _open_tar(sbd_tgz) as tar:
@@ -318,22 +309,25 @@ def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[
     for need in ("train", "val"):
         if need not in sbd_lists:
             raise ValueError(f"{sbd_tgz} lacks benchmark_RELEASE/dataset/{need}.txt: not the SBD archive?")
+    return sbd_seg, sbd_lists
 
-    train_aug = train_aug_ids(lists["train"], lists["val"], sbd_lists["train"], sbd_lists["val"])
-    val = sorted(lists["val"])
-    wanted = set(train_aug) | set(val)
+
+def _check_pairs(root: Path, voc_tar: Path, wanted: set, sizes: Dict[str, Tuple[int, int]], segmented: set) -> None:
+    """Every listed image exists and has a mask of its size."""
     for iid in sorted(wanted):
         if iid not in sizes:
             raise ValueError(f"image {iid}.jpg is listed for training or validation but missing from {voc_tar}")
-        if iid not in voc_seg and iid not in sbd_seg:
+        if iid not in segmented:
             raise ValueError(f"image {iid}.jpg has no mask: neither VOC SegmentationClass nor SBD cls/{iid}.mat")
         mpath = root / "SegmentationClassAug" / f"{iid}.png"
-        with Image.open(mpath) as im:
-            msize = (im.size[1], im.size[0])
+        msize = _image_size(mpath.read_bytes(), str(mpath))
         if msize != sizes[iid]:
             raise ValueError(f"mask {mpath} has size {msize} but JPEGImages/{iid}.jpg has {sizes[iid]}")
 
-    # 3. Scribbles.
+
+def _scribble_pass(root: Path, scr_zip: Path, scribbles: str, scribble_width: int, wanted: set,
+                   sizes: Dict[str, Tuple[int, int]], progress: bool) -> set:
+    """3. Scribbles of the wanted images (PNGs as they are, or XML polylines rasterized); the ids that have one."""
     have = set()
     with _open_zip(scr_zip) as z:
         names = [n for n in z.namelist() if not n.endswith("/") and "__MACOSX" not in n]
@@ -356,6 +350,37 @@ def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[
                 raise ValueError(f"scribble {where} has size {arr.shape} but JPEGImages/{iid}.jpg has {sizes[iid]}")
             _write_atomic(root / "pascal_2012_scribble" / f"{iid}.png", _png_bytes(arr))
             have.add(iid)
+    return have
+
+
+def prepare_voc(root: PathLike, base_url: Optional[str] = None, cache: Optional[PathLike] = None,
+                progress: bool = True, checksums: Optional[Dict[str, Optional[Tuple[str, str]]]] = None,
+                scribbles: str = "png", scribble_width: int = 3) -> Path:
+    """Download VOC 2012, SBD and ScribbleSup scribbles and convert them into ``root`` (see module doc).
+
+    ``scribbles``: "png" (rloss's rasterized PNGs) or "xml" (ScribbleSup's polylines, rasterized here with
+    ``cv2.polylines`` ``scribble_width`` px wide). ``checksums`` replaces :data:`KNOWN_CHECKSUMS`.
+    """
+    if scribbles not in ("png", "xml"):
+        raise ValueError(f"scribbles must be 'png' or 'xml', got {scribbles!r}")
+    root = Path(root)
+    if _is_complete(root, "voc"):
+        return root
+    cache = Path(cache) if cache is not None else root / "downloads"
+    voc_tar = _fetch(VOC_URL, base_url, cache, checksums, progress)
+    sbd_tgz = _fetch(SBD_URL, base_url, cache, checksums, progress)
+    scr_zip = _fetch(SCRIBBLE_PNG_URL if scribbles == "png" else SCRIBBLE_XML_URL, base_url, cache, checksums,
+                     progress)
+
+    for sub in ("JPEGImages", "SegmentationClassAug", "pascal_2012_scribble", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    sizes, voc_seg, lists = _voc_pass(root, voc_tar, progress)
+    sbd_seg, sbd_lists = _sbd_pass(root, sbd_tgz, voc_seg, progress)
+    train_aug = train_aug_ids(lists["train"], lists["val"], sbd_lists["train"], sbd_lists["val"])
+    val = sorted(lists["val"])
+    wanted = set(train_aug) | set(val)
+    _check_pairs(root, voc_tar, wanted, sizes, voc_seg | sbd_seg)
+    have = _scribble_pass(root, scr_zip, scribbles, scribble_width, wanted, sizes, progress)
     missing = sorted(set(train_aug) - have)
 
     # 4. Lists last, then the completion marker.
@@ -407,15 +432,11 @@ def prepare_msra10k(root: PathLike, base_url: Optional[str] = None, cache: Optio
         for iid in _bar(sorted(jpgs), len(jpgs), "MSRA10K", progress):
             img = _read_member(z, jpgs[iid], zpath)
             mask = _label_from_bytes(_read_member(z, pngs[iid], zpath), f"{zpath}:{pngs[iid]}")
-            try:
-                with Image.open(io.BytesIO(img)) as im:
-                    size = (im.size[1], im.size[0])
-            except (OSError, SyntaxError) as e:
-                raise ValueError(f"cannot read image {zpath}:{jpgs[iid]}: {e}") from e
+            size = _image_size(img, f"{zpath}:{jpgs[iid]}")
             if mask.shape != size:
                 raise ValueError(f"mask {zpath}:{pngs[iid]} has size {mask.shape}, image has {size}")
             _write_atomic(imgs / f"{iid}.jpg", img)
-            _write_atomic(imgs / f"{iid}.png", _png_bytes(np.where(mask >= 128, 255, 0)))
+            _write_atomic(imgs / f"{iid}.png", _png_bytes(255 * binary_mask(mask, f"{zpath}:{pngs[iid]}")))
     ids = sorted(jpgs)
     perm = np.random.default_rng(seed).permutation(len(ids))
     n_val = max(1, int(round(val_fraction * len(ids))))

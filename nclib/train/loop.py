@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from .checkpoint import (
     atomic_save,
     check_compatible,
     load_checkpoint,
+    load_weights,
     resolve_checkpoint_path,
     rng_state,
     set_rng_state,
@@ -32,14 +35,22 @@ from .checkpoint import (
 from .config import Config, config_hash
 from .stream import SeededDataset, StreamSampler, build_datasets, collate
 
-__all__ = ["train", "NonFiniteLossError", "loss_terms", "nc_term", "batch_targets", "poly_lr", "dist_env",
+__all__ = ["train", "NonFiniteLossError", "MAX_LOGIT", "loss_terms", "nc_term", "batch_targets", "poly_lr", "dist_env",
            "resolve_device"]
 
 Callback = Callable[[int, Dict[str, float]], None]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when a loss term turns NaN/inf: the run stops instead of training on garbage."""
+    """Raised when the logits, a loss term or the weights turn NaN/inf, or the logits exceed :data:`MAX_LOGIT`:
+    the run stops instead of training on garbage. The message names the iteration, the loss terms and the likely
+    fix (a lower ``lr``)."""
+
+
+# |logits| beyond this: float32 softmax is exactly one-hot (exp underflows past ~100), so the gradients of the
+# losses vanish and the weights stay garbage with finite, plausible-looking losses (NC alone at lr 1e6 reaches 1e9
+# in one step). A trained network stays in the tens.
+MAX_LOGIT = 1e4
 
 
 # --------------------------------------------------------------------------------------- distributed
@@ -177,6 +188,7 @@ class _State:
     start: int = 0
     history: Dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
     net: Optional[nn.Module] = None
+    last_terms: Optional[Dict[str, float]] = None
 
 
 def _setup(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, device: torch.device) -> _State:
@@ -187,9 +199,14 @@ def _setup(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
     model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, **cfg.model_args)
     if cfg.init_checkpoint:
         init_path = resolve_checkpoint_path(cfg.init_checkpoint)
+        if not init_path.is_file():
+            raise ValueError(f"init_checkpoint {cfg.init_checkpoint} not found (nor under the results root): train "
+                             f"stage 1 first; run() and `python -m nclib train` retrain a stage 1 of the results "
+                             f"cache whose metrics.json is there but whose model.pt is not")
         ck = load_checkpoint(init_path)
-        check_compatible(ck, cfg.model, num_classes, init_path)
-        model.load_state_dict(ck["model"])
+        check_compatible(ck, cfg.model, num_classes, init_path, cfg.model_args)
+        _check_finished(ck, init_path)
+        load_weights(model, ck, init_path)
     model.to(device)
     opt = torch.optim.SGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_classifier_mult),
                           lr=cfg.lr, momentum=cfg.momentum)
@@ -203,17 +220,29 @@ def _setup(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
     return st
 
 
+def _check_finished(ck: Dict[str, Any], path: Path) -> None:
+    """An ``init_checkpoint`` must be a finished run, not a periodic save of an interrupted one."""
+    total = ck["config"].get("iterations")
+    if not isinstance(total, int) or int(ck["iteration"]) < total:
+        raise ValueError(f"init_checkpoint {path} stopped at iteration {ck['iteration']} of {total}: that run did "
+                         f"not finish; finish it first (run it again: it resumes), then start this stage")
+
+
 def _resume(st: _State) -> None:
     ck = load_checkpoint(st.ckpt_path)
     check_compatible(ck, st.cfg.model, st.num_classes, st.ckpt_path)
     if config_hash(Config.from_dict(ck["config"]), True) != config_hash(st.cfg, True):
         raise ValueError(f"checkpoint {st.ckpt_path} was written by another config; remove it or use another "
                          f"output folder")
-    st.model.load_state_dict(ck["model"])
-    st.opt.load_state_dict(ck["optimizer"])
-    st.scaler.load_state_dict(ck["scaler"])
-    st.start, st.history = int(ck["iteration"]), ck["history"]
-    set_rng_state(ck["rng"][st.rank] if isinstance(ck["rng"], list) else ck["rng"])
+    load_weights(st.model, ck, st.ckpt_path)
+    try:
+        st.opt.load_state_dict(ck["optimizer"])
+        st.scaler.load_state_dict(ck["scaler"])
+        st.start, st.history = int(ck["iteration"]), ck["history"]
+        set_rng_state(ck["rng"][st.rank] if isinstance(ck["rng"], list) else ck["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise ValueError(f"checkpoint {st.ckpt_path} cannot be resumed: its optimizer / RNG state is missing or "
+                         f"malformed ({type(err).__name__}: {err}); remove it to start over") from None
 
 
 def _save(st: _State, it: int) -> None:
@@ -268,15 +297,31 @@ def _step(st: _State, batch: Dict[str, Any], it: int) -> Dict[str, float]:
     images, target, scrib, roi = batch_targets(batch, cfg, st.device)
     with torch.autocast(device_type=st.device.type, dtype=torch.float16, enabled=st.scaler.is_enabled()):
         logits = st.net(images)
+    peak = float(logits.detach().float().abs().max())
+    if not peak <= MAX_LOGIT:  # also NaN
+        raise NonFiniteLossError(_diverged(st, it, f"the network's output (logits) reached {peak:.3g} (beyond "
+                                                   f"{MAX_LOGIT:g} the softmax is one-hot: the weights blew up)"))
     terms = loss_terms(logits, images, target, scrib, roi, cfg)
     vals = {k: float(v.detach()) for k, v in terms.items()}
     if not all(math.isfinite(v) for v in vals.values()):
-        raise NonFiniteLossError(f"non-finite loss at iteration {it}: {vals}")
+        raise NonFiniteLossError(_diverged(st, it, "non-finite loss", vals))
     st.opt.zero_grad(set_to_none=True)
     st.scaler.scale(terms["total"]).backward()
     st.scaler.step(st.opt)
     st.scaler.update()
+    params = [p.detach() for p in st.model.parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise NonFiniteLossError(_diverged(st, it, "the weights are not finite after the SGD step", vals))
+    st.last_terms = vals
     return vals
+
+
+def _diverged(st: _State, it: int, what: str, vals: Optional[Dict[str, float]] = None) -> str:
+    """The NonFiniteLossError message: iteration, loss terms (this step's, else the last finite ones), the fix."""
+    terms = vals if vals is not None else st.last_terms
+    label = "loss terms" if vals is not None else "loss terms of the previous step"
+    return (f"training diverged at iteration {it}: {what}; {label}: {terms or 'none yet'}. Likely fix: a lower "
+            f"learning rate (lr is {st.cfg.lr:g}; try 10x lower) or smaller loss weights")
 
 
 def _after_step(st: _State, it: int, vals: Dict[str, float]) -> None:
@@ -290,30 +335,85 @@ def _after_step(st: _State, it: int, vals: Dict[str, float]) -> None:
         _save(st, done)
 
 
+class _Interrupt:
+    """SIGINT sets a flag; the loop saves and stops at the next iteration boundary (the state as of that boundary:
+    weights, optimizer and RNG states all after the same finished iteration). A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.installed = False
+        self.prev: Any = signal.default_int_handler
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+        signal.signal(signal.SIGINT, self.prev)  # a second Ctrl-C: the previous behaviour (stop now, no save)
+
+    def __enter__(self) -> "_Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            prev = signal.signal(signal.SIGINT, self._handler)
+            self.prev = prev if prev is not None else signal.SIG_DFL  # None: a handler not set from Python
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.prev)
+
+    def pending(self, st: _State) -> bool:
+        """Whether any rank was interrupted (under DDP all ranks stop at the same boundary)."""
+        if st.world == 1:
+            return self.flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(self.flag)], device=st.device if st.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _next_batch(st: _State, data, done: int):
+    """The next batch; a data error (a missing or unreadable file) saves the finished iterations first."""
+    try:
+        return next(data)
+    except StopIteration:
+        return None
+    except Exception as err:
+        if st.world == 1 and done > st.start:
+            _save(st, done)
+            err.add_note(f"nclib: the {done} finished iterations were saved to {st.ckpt_path}; fix the data and "
+                         f"run again to resume")
+        raise
+
+
 def _loop(st: _State, progress: bool, callback: Optional[Callback]) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg = st.cfg
-    loader = _loader(st)
+    data = iter(_loader(st))
     st.model.train()
     t0, done = time.time(), st.start
     bar = tqdm(total=cfg.iterations, initial=st.start, disable=not progress, desc=cfg.name, dynamic_ncols=True)
-    try:
-        for it, batch in enumerate(loader, start=st.start):
-            vals = _step(st, batch, it)
-            _after_step(st, it, vals)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()}, refresh=False)
-            if callback is not None:
-                callback(it + 1, vals)
-            done = it + 1
-    except KeyboardInterrupt:
-        _save(st, done)  # Ctrl-C: keep the finished iterations
-        raise
-    finally:
-        bar.close()
-    if cfg.val_every and (not st.history["val"] or st.history["val"][-1]["iteration"] != cfg.iterations):
-        _validate(st, cfg.iterations)
-    _save(st, cfg.iterations)
+    with _Interrupt() as stop:
+        try:
+            while done < cfg.iterations:
+                batch = _next_batch(st, data, done)
+                if batch is None:
+                    break
+                vals = _step(st, batch, done)
+                _after_step(st, done, vals)
+                done += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()}, refresh=False)
+                if callback is not None:
+                    callback(done, vals)
+                if done < cfg.iterations and stop.pending(st):
+                    _save(st, done)  # Ctrl-C: keep the finished iterations, exactly
+                    raise KeyboardInterrupt(f"interrupted after iteration {done}; saved to {st.ckpt_path}")
+        finally:
+            bar.close()
+        if cfg.val_every and (not st.history["val"] or st.history["val"][-1]["iteration"] != cfg.iterations):
+            _validate(st, cfg.iterations)
+        _save(st, cfg.iterations)
+    if stop.flag:
+        raise KeyboardInterrupt(f"interrupted; the finished run was saved to {st.ckpt_path}")
     return {"history": st.history, "checkpoint": str(st.ckpt_path), "iterations": cfg.iterations,
             "seconds": round(time.time() - t0, 1)}

@@ -13,6 +13,9 @@ import contextlib
 import json
 import math
 import os
+import sys
+import threading
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -21,7 +24,7 @@ from .config import Config, config_hash
 from .loop import dist_env, resolve_device, train
 from .stream import build_datasets
 
-__all__ = ["results_root", "run_dir", "run", "train_and_evaluate", "score"]
+__all__ = ["results_root", "run_dir", "run", "train_and_evaluate", "score", "ensure_init_checkpoint"]
 
 
 def results_root() -> Path:
@@ -68,9 +71,17 @@ def train_and_evaluate(cfg: Config, out_dir: Union[str, Path], resume: bool = Tr
     scores and writes; the other ranks return ``{}``.
     """
     out_dir = Path(out_dir)
-    tr = train(cfg, out_dir, resume=resume, progress=progress)
-    if dist_env()[0] != 0:
-        return {}
+    ensure_init_checkpoint(cfg, progress=progress)
+    with _run_lock(out_dir):  # run() holds it already (re-entrant); `train --out` takes it here
+        if dist_env()[0] == 0:  # the old scores no longer describe the folder's model.pt once training starts
+            (out_dir / "metrics.json").unlink(missing_ok=True)
+        tr = train(cfg, out_dir, resume=resume, progress=progress)
+        if dist_env()[0] != 0:
+            return {}
+        return _score_and_store(cfg, out_dir, tr)
+
+
+def _score_and_store(cfg: Config, out_dir: Path, tr: Dict[str, Any]) -> Dict[str, Any]:
     ckpt = out_dir / "model.pt"
     in_cache = out_dir.resolve().parent == results_root().resolve()
     res: Dict[str, Any] = {"name": cfg.name, "hash": config_hash(cfg), "config": cfg.to_dict(),
@@ -78,10 +89,46 @@ def train_and_evaluate(cfg: Config, out_dir: Union[str, Path], resume: bool = Tr
                            "train_seconds": tr["seconds"], "history": _thin(tr["history"])}
     res.update(score(cfg, ckpt))
     metrics_path = out_dir / "metrics.json"
-    tmp = metrics_path.with_name("metrics.json.tmp")
-    tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
-    os.replace(tmp, metrics_path)
+    tmp = metrics_path.with_name(f".metrics.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
+        os.replace(tmp, metrics_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return res
+
+
+def ensure_init_checkpoint(cfg: Config, progress: bool = True) -> None:
+    """On a clean clone the stage-1 weights named by ``cfg.init_checkpoint`` are missing (``model.pt`` is
+    git-ignored) while their ``metrics.json`` is committed: retrain that stage-1 run from its stored config into
+    its folder (its metrics.json is kept). Without a stored config: a ValueError saying what to run."""
+    if not cfg.init_checkpoint:
+        return
+    path = Path(cfg.init_checkpoint)
+    if path.exists() or path.is_absolute() or (results_root() / path).exists():
+        return
+    folder = (results_root() / path).parent
+    metrics = folder / "metrics.json"
+    if path.name != "model.pt" or not metrics.is_file():
+        raise ValueError(f"init_checkpoint {cfg.init_checkpoint} not found (also not under {results_root()}): train "
+                         f"the stage-1 config first, e.g. `python -m nclib train --config configs/<stage1>.yaml`, "
+                         f"and pass its result's 'checkpoint'")
+    stage1 = Config.from_dict(_read_metrics(metrics)["config"])
+    if f"{stage1.name}-{config_hash(stage1)}" != folder.name:
+        raise ValueError(f"init_checkpoint {cfg.init_checkpoint} not found, and {metrics} holds a config of another "
+                         f"hash than its folder: retrain stage 1 with `python -m nclib train --config <its yaml>`")
+    print(f"nclib: init_checkpoint {cfg.init_checkpoint} is missing (weights are not committed): retraining stage 1 "
+          f"({stage1.name}) into {folder}", file=sys.stderr)
+    ensure_init_checkpoint(stage1, progress=progress)
+    with _run_lock(folder):
+        if not (folder / "model.pt").is_file() or _unfinished(folder / "model.pt", stage1):
+            train(stage1, folder, resume=True, progress=progress)
+
+
+def _unfinished(path: Path, cfg: Config) -> bool:
+    from .checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["iteration"]) < cfg.iterations
 
 
 def run(cfg: Union[Config, Dict[str, Any]], force: bool = False, progress: bool = True) -> Dict[str, Any]:
@@ -97,8 +144,9 @@ def run(cfg: Union[Config, Dict[str, Any]], force: bool = False, progress: bool 
     with _run_lock(out):
         if metrics_path.is_file() and not force:  # another process finished it while we waited
             return _read_metrics(metrics_path)
-        if force and (out / "model.pt").is_file():
-            (out / "model.pt").unlink()
+        if force:  # invalidate first: a run killed from here on must not leave the old scores beside new weights
+            metrics_path.unlink(missing_ok=True)
+            (out / "model.pt").unlink(missing_ok=True)
         return train_and_evaluate(cfg, out, resume=True, progress=progress)
 
 
@@ -109,11 +157,17 @@ def _read_metrics(path: Path) -> Dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); remove it, or pass force=True to run again") from None
 
 
+_HELD: Dict[str, list] = {}  # folder -> [thread lock, depth]: flock is not re-entrant within one process
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def _run_lock(out: Path):
     """One process at a time per results folder (a second one waits, then finds the stored result).
 
-    An OS lock (released when the holder dies); skipped under torchrun, where every rank runs the same config.
+    An OS lock (released when the holder dies), re-entrant within a process (run() holds it around
+    :func:`train_and_evaluate`, which takes it for ``train --out``); skipped under torchrun, where every rank runs
+    the same config.
     """
     if dist_env()[1] > 1:
         yield
@@ -124,12 +178,23 @@ def _run_lock(out: Path):
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    key = str(out.resolve())
+    with _HELD_GUARD:
+        entry = _HELD.setdefault(key, [threading.RLock(), 0])
+    with entry[0]:
+        entry[1] += 1
         try:
-            yield
+            if entry[1] > 1:
+                yield
+                return
+            with open(out / ".lock", "w") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            entry[1] -= 1
 
 
 def _thin(history: Dict[str, list], keep: int = 40) -> Dict[str, list]:
