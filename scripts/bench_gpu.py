@@ -286,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 opt.step()
 
             times[label] = ms(step, train_runs, 2 if dev.type == "cuda" else 1)
-            del model, opt
+            model = opt = None  # free the weights before the next model is built
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         extra = times["CE + NC"] / times["CE"] - 1

@@ -10,13 +10,12 @@ import platform
 from pathlib import Path
 
 import torch
+from benchutil import ROOT, median_ms, photos
 
 import nclib
 from nclib import Permutohedral, exact_gaussian_filter, rgbxy_features
 from nclib.lattice import relative_rms_error
 from nclib.photos import photo_tensor
-
-from benchutil import ROOT, median_ms, photos
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nclib.photos import BUNDLED as PHOTOS, photo
 from nclib.crf import dense_crf
 from nclib.lattice import exact_gaussian_filter, rgbxy_features, xy_features
+from nclib.photos import BUNDLED as PHOTOS
+from nclib.photos import photo
 
 
 def resized_photo(name: str, size: int) -> torch.Tensor:

@@ -21,8 +21,6 @@ from nclib.data import (
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     return make_default(tmp_path_factory.mktemp("d") / "default", seed=0, count=4)

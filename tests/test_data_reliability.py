@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _http import FileServer
 from PIL import Image
 
 from nclib.data import MaskFolderDataset, make_default, read_image, read_label
 from nclib.data import prepare as prep
 from nclib.data.__main__ import main as cli
+
+from _http import FileServer
 
 REPO = Path(__file__).resolve().parents[1]
 

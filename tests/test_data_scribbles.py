@@ -1,14 +1,12 @@
 """Synthesized ScribbleSup-like scribbles: inside the true class, near the target fraction, deterministic."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from nclib.data.default import render_salient, render_scene
 from nclib.data.scribbles import labelled_fraction, synthesize_scribbles
-
 
 SCENES = [render_scene(0, 0, i)[1] for i in range(24)]
 
