@@ -119,6 +119,7 @@ def test_papermill_run_with_an_unknown_parameter_fails(tmp_path):
     p.metadata["tags"] = ["parameters"]
     nb.cells = [p, nbformat.v4.new_code_cell("from nclib.report import check_parameters\ncheck_parameters()\n"
                                              "print('ran with', size)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
     src = tmp_path / "nb.ipynb"
     nbformat.write(nb, src)
     env_path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
