@@ -29,6 +29,26 @@ def load_profile(path):
     return {k: dict(v or {}) for k, v in prof.items()}
 
 
+def plan_runs(profile, stems=(), force=False, nbdir=ROOT / "notebooks"):
+    """[(stem, notebook path, parameters to inject)] for ``stems`` (default: every notebook of the profile),
+    everything checked before anything runs: SystemExit naming the key when the notebook lacks a parameter."""
+    prof = load_profile(profile)
+    plans = []
+    for stem in list(stems) or sorted(prof):
+        path = Path(nbdir) / f"{stem}.ipynb"
+        if not path.is_file():
+            raise SystemExit(f"{profile}: no notebook {path}")
+        defaults = notebook_parameters(path)
+        params = dict(prof.get(stem, {}))
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            raise SystemExit(f"{profile}: {stem} has no parameter(s) {unknown}; it has {sorted(defaults)}")
+        if force and "force" in defaults:
+            params["force"] = True
+        plans.append((stem, path, {k: v for k, v in params.items() if defaults.get(k) != v}))
+    return plans
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("profile")
@@ -37,29 +57,14 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "build" / "notebooks"))
     ap.add_argument("--write-back", action="store_true")
     args = ap.parse_intermixed_args(argv)
-    prof = load_profile(args.profile)
-    stems = args.notebooks or sorted(prof)
-    nbdir = ROOT / "notebooks"
-    plans = []
-    for stem in stems:  # check everything before running anything
-        path = nbdir / f"{stem}.ipynb"
-        if not path.is_file():
-            raise SystemExit(f"{args.profile}: no notebook {path.relative_to(ROOT)}")
-        defaults = notebook_parameters(path)
-        params = dict(prof.get(stem, {}))
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            raise SystemExit(f"{args.profile}: {stem} has no parameter(s) {unknown}; it has {sorted(defaults)}")
-        if args.force and "force" in defaults:
-            params["force"] = True
-        plans.append((stem, path, {k: v for k, v in params.items() if defaults.get(k) != v}))
+    plans = plan_runs(args.profile, args.notebooks, args.force)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     for stem, path, params in plans:
         t0 = time.perf_counter()
         out = Path(args.out) / path.name
         print(f"{stem}: {params or 'defaults'}", flush=True)
-        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name="python3", cwd=str(nbdir),
+        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name="python3", cwd=str(path.parent),
                             execution_timeout=3600, progress_bar=False)
         if args.write_back:
             nb = strip_notebook(json.loads(out.read_text()))

@@ -271,3 +271,28 @@ def test_paper_table_rows_carry_the_papers_numbers(tmp_path):
     assert t3["ResNet-101: pCE + NC"] == (72.8, 74.5) and t3["DeepLab-VGG16: full masks"] == (68.8, 71.5)
     with pytest.raises(ValueError, match="table"):
         report.paper_table_rows(4)
+
+
+def runner():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_runner_injects_only_what_differs_and_force_where_declared(tmp_path):
+    mod = runner()
+    # the default profile equals the notebooks' defaults: nothing injected, the committed cells stay as they are
+    plans = mod.plan_runs(ROOT / "params" / "default.yaml", ["00_lattice_filter", "02_kmeans_nc_networks"])
+    assert [(s, p) for s, _, p in plans] == [("00_lattice_filter", {}), ("02_kmeans_nc_networks", {})]
+    forced = mod.plan_runs(ROOT / "params" / "default.yaml", ["00_lattice_filter", "02_kmeans_nc_networks"], True)
+    assert [(s, p) for s, _, p in forced] == [("00_lattice_filter", {}), ("02_kmeans_nc_networks", {"force": True})]
+    smoke = dict((s, p) for s, _, p in mod.plan_runs(ROOT / "params" / "smoke.yaml", ["01_losses_and_shallow"]))
+    assert smoke == {"01_losses_and_shallow": yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())[
+        "01_losses_and_shallow"]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("02_kmeans_nc_networks:\n  figures: x\n")
+    with pytest.raises(SystemExit, match="figures"):
+        mod.plan_runs(bad)
