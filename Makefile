@@ -36,7 +36,7 @@ unit: setup
 nbval: setup
 	$(NB_ENV) NCLIB_FIGURES=$(CURDIR)/build/figures $(BIN)/python -m pytest -q --nbval-lax --nbval-current-env -p no:randomly $(NOTEBOOKS)
 
-test: setup data unit nbval cuda-check
+test: setup data lint unit nbval cuda-check
 
 # Executes every notebook with the profile's parameters (unknown names fail before anything runs), strips the
 # volatile metadata and writes it back over notebooks/ with its outputs and images; figures land in figures/.
@@ -54,7 +54,7 @@ bench: setup
 	$(BIN)/python scripts/bench_train.py
 
 # Static checks (pyflakes, import order, complexity <= 15, bugbear): configured in pyproject.toml [tool.ruff].
-lint:
+lint: setup
 	$(BIN)/ruff check nclib tests scripts
 
 # Compile-only check of the CUDA sources with nvcc (no GPU needed); skipped where nvcc is absent.
