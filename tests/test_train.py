@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +195,14 @@ def test_run_caches_metrics(tiny_root, tmp_path, monkeypatch):
     assert 0 <= res["val"]["miou"] <= 1 and res["checkpoint"] == f"{folder.name}/model.pt"
     assert [v["iteration"] for v in res["history"]["val"]] == [1, 2] and "nc" in res["history"]["val"][0]
     assert (folder / "metrics.json").stat().st_size < 20_000
+    # provenance: this checkout's commit, the versions, the device and when
+    import nclib
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(nclib.__file__).parents[1],
+                          capture_output=True, text=True).stdout.strip()
+    assert res["commit"].split("-")[0] == (head or "unknown")
+    assert res["nclib"] == nclib.__version__ and res["torch"] == torch.__version__
+    assert res["device"].startswith("cpu") and res["finished"].endswith("UTC") and res["eval_seconds"] >= 0
 
     def boom(*a, **k):
         raise AssertionError("must not retrain")

@@ -6,18 +6,27 @@ few kB, meant to be committed; notebooks render from it) and ``model.pt`` (the c
 ``metrics.json`` keys: ``name``, ``hash``, ``config`` (:meth:`Config.to_dict`), ``checkpoint``, ``train_seconds``,
 ``history`` ({"train": [...], "val": [...]}), ``val`` (single scale, no flip: the scores the notebooks tabulate)
 and, when the config asks for other ``eval_scales`` or ``eval_flip``, ``val_msc`` (multi-scale / flip testing).
+Provenance, so that a table can say where its numbers come from: ``commit`` (short hash of the source checkout,
+``-dirty`` with uncommitted changes, ``unknown`` outside git), ``nclib``, ``torch``, ``python``, ``device``,
+``finished`` (UTC) and ``eval_seconds``.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Union
+
+import torch
 
 from .checkpoint import load_model
 from .config import Config, config_hash
@@ -87,7 +96,10 @@ def _score_and_store(cfg: Config, out_dir: Path, tr: Dict[str, Any]) -> Dict[str
     res: Dict[str, Any] = {"name": cfg.name, "hash": config_hash(cfg), "config": cfg.to_dict(),
                            "checkpoint": f"{out_dir.name}/model.pt" if in_cache else str(ckpt),
                            "train_seconds": tr["seconds"], "history": _thin(tr["history"])}
+    t0 = time.perf_counter()
     res.update(score(cfg, ckpt))
+    res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    res.update(provenance_fields(resolve_device(cfg, 0)))
     metrics_path = out_dir / "metrics.json"
     tmp = metrics_path.with_name(f".metrics.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -96,6 +108,30 @@ def _score_and_store(cfg: Config, out_dir: Path, tr: Dict[str, Any]) -> Dict[str
     finally:
         tmp.unlink(missing_ok=True)
     return res
+
+
+def provenance_fields(device: torch.device) -> Dict[str, str]:
+    """Where and with what a result was computed (see the module docstring)."""
+    from .. import __version__
+
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return {"commit": _source_commit(), "nclib": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device": dev,
+            "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _source_commit() -> str:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "nclib"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def ensure_init_checkpoint(cfg: Config, progress: bool = True) -> None:
