@@ -15,6 +15,10 @@
 
 #include "lattice_common.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace nclib {
 namespace {
 
@@ -95,20 +99,25 @@ class PhaseTimer {
   std::chrono::steady_clock::time_point t0_;
 };
 
-// The simplex of one pixel: its remainder-0 point and the ranks of its residuals.
-struct Simplex {
-  int32_t rem0[kMaxD + 1];
-  int32_t rank[kMaxD + 1];
-};
-
 // embed_point() of lattice_common.h for kLanes pixels at once; with the dimension known at compile time (D > 0)
 // the lane loops vectorise (D = 0: runtime dimension dr). Every double operation is the one embed_point() does,
 // in the same order, never fused (-ffp-contract=off), so keys and weights are bitwise those of the CUDA kernel
 // (tests/test_cuda.py's host emulation compares them).
 constexpr int kLanes = 8;
 
+// Corner keys and their hashes for kLanes pixels (struct of arrays: the key loops vectorise too).
+struct LaneKeys {
+  int32_t key[kMaxD + 1][kMaxD][kLanes];
+  uint32_t hash[kMaxD + 1][kLanes];
+};
+
+// Multipliers of the block-local key hash (sum of key[i] * mult[i], mod 2^32): cheap and vectorisable.
+constexpr uint32_t kHashMult[kMaxD] = {0x9E3779B1u, 0x85EBCA77u, 0xC2B2AE3Du, 0x27D4EB2Fu, 0x165667B1u, 0xD3A2646Bu,
+                                       0xFD7046C5u, 0xB55A4F09u, 0x8CB92BA7u, 0xE6546B65u, 0x2545F491u, 0x9FB21C65u,
+                                       0xC13FA9A9u, 0x91E10DA5u, 0xA54FF53Bu, 0x510E527Fu};
+
 template <int D>
-void embed_lanes(const float* pos, int lanes, int dr, const double* scale, Simplex* out, float* bary) {
+void embed_lanes(const float* pos, int lanes, int dr, const double* scale, LaneKeys& out, float* bary) {
   const int d = D > 0 ? D : dr;
   constexpr int kN = (D > 0 ? D : kMaxD) + 1;
   double el[kN][kLanes], resid[kN][kLanes], sm[kLanes];
@@ -163,31 +172,110 @@ void embed_lanes(const float* pos, int lanes, int dr, const double* scale, Simpl
     float* bw = bary + l * (d + 1);
     bw[0] = static_cast<float>(by_rank[d] + (1.0 - by_rank[0]));
     for (int r = 1; r <= d; ++r) bw[r] = static_cast<float>(by_rank[d - r] - by_rank[d + 1 - r]);
-    for (int i = 0; i <= d; ++i) {
-      out[l].rem0[i] = rem0[i][l];
-      out[l].rank[i] = rank[i][l];
+  }
+  // Corner r: rem0 + r, less d+1 on the coordinates ranked above d - r (embed_point's keys).
+  for (int r = 0; r <= d; ++r) {
+    uint32_t h[kLanes] = {0};
+    for (int i = 0; i < d; ++i) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int32_t k = rem0[i][l] + (rank[i][l] <= d - r ? r : r - (d + 1));
+        out.key[r][i][l] = k;
+        h[l] += static_cast<uint32_t>(k) * kHashMult[i];
+      }
     }
+    for (int l = 0; l < kLanes; ++l) out.hash[r][l] = h[l];
   }
 }
 
-// Coordinates 0..D-1 of the remainder-0 point and of the ranks determine the simplex.
-inline bool same_simplex(const Simplex& a, const Simplex& b, int d) {
-  return std::memcmp(a.rem0, b.rem0, sizeof(int32_t) * d) == 0 && std::memcmp(a.rank, b.rank, sizeof(int32_t) * d) == 0;
-}
+// Block-local table from a D-int key to a dense id (insertion order); slots hold the key's hash beside its id, so
+// a probe compares keys only on a hash match. Kept between builds (reset keeps the memory).
+template <int D>
+class LocalTable {
+ public:
+  void reset(int d, int64_t expected) {
+    d_ = D > 0 ? D : d;
+    int64_t cap = 64;
+    shift_ = 26;
+    while (cap < 2 * expected) {
+      cap <<= 1;
+      --shift_;
+    }
+    ids_.assign(cap, -1);
+    hashes_.resize(cap);
+    keys_.clear();
+    count_ = 0;
+  }
+
+  int32_t insert(const int32_t* key, uint32_t h) {
+    if (2 * (count_ + 1) > static_cast<int64_t>(ids_.size())) grow();
+    const uint32_t mask = static_cast<uint32_t>(ids_.size() - 1);
+    for (uint32_t s = slot(h);; s = (s + 1) & mask) {
+      const int32_t id = ids_[s];
+      if (id < 0) {
+        ids_[s] = static_cast<int32_t>(count_++);
+        hashes_[s] = h;
+        keys_.insert(keys_.end(), key, key + dim());
+        return ids_[s];
+      }
+      if (hashes_[s] == h && same_key(keys_.data() + static_cast<int64_t>(id) * dim(), key)) return id;
+    }
+  }
+
+  int64_t size() const { return count_; }
+  const int32_t* key(int64_t id) const { return keys_.data() + id * dim(); }
+
+  bool same_key(const int32_t* a, const int32_t* b) const {
+    for (int i = 0; i < dim(); ++i) {
+      if (a[i] != b[i]) return false;
+    }
+    return true;
+  }
+
+ private:
+  int dim() const { return D > 0 ? D : d_; }
+  // Fibonacci hashing: the top bits of h * 2^32/phi.
+  uint32_t slot(uint32_t h) const { return (h * 0x9E3779B9u) >> shift_; }
+
+  void grow() {
+    std::vector<uint32_t> old_h(hashes_);
+    std::vector<int32_t> old_id(ids_);
+    ids_.assign(old_id.size() * 2, -1);
+    hashes_.resize(ids_.size());
+    --shift_;
+    const uint32_t mask = static_cast<uint32_t>(ids_.size() - 1);
+    for (size_t s = 0; s < old_id.size(); ++s) {
+      if (old_id[s] < 0) continue;
+      uint32_t t = slot(old_h[s]);
+      while (ids_[t] >= 0) t = (t + 1) & mask;
+      ids_[t] = old_id[s];
+      hashes_[t] = old_h[s];
+    }
+  }
+
+  int d_ = 0;
+  int shift_ = 26;
+  int64_t count_ = 0;
+  std::vector<int32_t> ids_;
+  std::vector<uint32_t> hashes_;
+  std::vector<int32_t> keys_;
+};
 
 // Embed pixels [p0, p1) (those outside the roi get -1 / 0) and number their corners in the block-local table
 // `local` in pixel order: vtx receives LOCAL ids. Touches only the block's own data, so blocks run in parallel.
+// Neighbouring pixels share most corners: a corner is looked up among the previous pixel's before the table.
 template <int D>
 void embed_block(const float* f, const bool* keep, int dr, const double* scale, int64_t p0, int64_t p1,
-                 KeyTable& local, int32_t* vp, float* bp) {
+                 LocalTable<D>& local, int32_t* vp, float* bp) {
   const int d = D > 0 ? D : dr;
   const int d1 = d + 1;
-  Simplex sx[kLanes], last;
-  int64_t prev = -1;
-  int32_t keys[(kMaxD + 1) * kMaxD];
+  LaneKeys lk;
+  int32_t prev_key[kMaxD + 1][kMaxD], cur_key[kMaxD + 1][kMaxD];
+  uint32_t prev_hash[kMaxD + 1];
+  int32_t prev_id[kMaxD + 1];
+  bool have_prev = false;
   for (int64_t q = p0; q < p1; q += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, p1 - q));
-    embed_lanes<D>(f + q * d, lanes, d, scale, sx, bp + q * d1);
+    embed_lanes<D>(f + q * d, lanes, d, scale, lk, bp + q * d1);
     for (int l = 0; l < lanes; ++l) {
       const int64_t p = q + l;
       int32_t* ids = vp + p * d1;
@@ -198,35 +286,81 @@ void embed_block(const float* f, const bool* keep, int dr, const double* scale, 
         }
         continue;
       }
-      const Simplex& s = sx[l];
-      if (prev >= 0 && same_simplex(s, last, d)) {  // neighbouring pixels often share it: no hashing
-        std::memcpy(ids, vp + prev * d1, sizeof(int32_t) * d1);
-      } else {
-        for (int r = 0; r <= d; ++r) {
-          int32_t* k = keys + r * d;
-          for (int i = 0; i < d; ++i) k[i] = s.rem0[i] + (s.rank[i] <= d - r ? r : r - (d + 1));
-          ids[r] = local.insert(k);
+      for (int r = 0; r <= d; ++r) {
+        for (int i = 0; i < d; ++i) cur_key[r][i] = lk.key[r][i][l];
+        const uint32_t h = lk.hash[r][l];
+        int32_t id = -1;
+        if (have_prev) {
+          for (int j = 0; j <= d; ++j) {
+            if (prev_hash[j] == h && local.same_key(prev_key[j], cur_key[r])) {
+              id = prev_id[j];
+              break;
+            }
+          }
         }
-        last = s;
+        ids[r] = id >= 0 ? id : local.insert(cur_key[r], h);
       }
-      prev = p;
+      for (int r = 0; r <= d; ++r) {
+        for (int i = 0; i < d; ++i) prev_key[r][i] = cur_key[r][i];
+        prev_hash[r] = lk.hash[r][l];
+        prev_id[r] = ids[r];
+      }
+      have_prev = true;
     }
-  }
-}
-
-void embed_block_any(const float* f, const bool* keep, int d, const double* scale, int64_t p0, int64_t p1,
-                     KeyTable& local, int32_t* vp, float* bp) {
-  switch (d) {
-    case 2: return embed_block<2>(f, keep, d, scale, p0, p1, local, vp, bp);
-    case 3: return embed_block<3>(f, keep, d, scale, p0, p1, local, vp, bp);
-    case 5: return embed_block<5>(f, keep, d, scale, p0, p1, local, vp, bp);
-    default: return embed_block<0>(f, keep, d, scale, p0, p1, local, vp, bp);
   }
 }
 
 // Pixels per build block: small enough for both cores on one image, large enough that the keys a block shares
 // with its neighbours (merged serially) stay few.
 constexpr int64_t kBlockPixels = 8192;
+
+// Splat one pixel: row v_r of `acc` (row stride `stride`) += w_r * src[0..cw) for its corners r (all -1 outside
+// the roi). Per element, the same float operations in the same order as the plain loop, whichever path runs.
+inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
+                        int64_t stride) {
+  if (ids[0] < 0) return;
+#if defined(__AVX512F__)
+  for (int64_t c = 0; c < cw; c += 16) {
+    const __mmask16 m = cw - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cw - c)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(m, src + c);
+    for (int r = 0; r < d1; ++r) {
+      float* dst = acc + static_cast<int64_t>(ids[r]) * stride + c;
+      const __m512 y = _mm512_maskz_loadu_ps(m, dst);
+      _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(y, _mm512_mul_ps(_mm512_set1_ps(w[r]), x)));
+    }
+  }
+#else
+  for (int r = 0; r < d1; ++r) {
+    float* dst = acc + static_cast<int64_t>(ids[r]) * stride;
+    for (int64_t c = 0; c < cw; ++c) dst[c] += w[r] * src[c];
+  }
+#endif
+}
+
+// Slice one pixel: dst[0..C) = sum over corners r (in order, from 0) of (alpha * w_r) * row v_r of `lat`.
+inline void slice_pixel(float* dst, int64_t C, const int32_t* ids, const float* w, int d1, float alpha,
+                        const float* lat) {
+#if defined(__AVX512F__)
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int r = 0; r < d1; ++r) {
+      if (ids[r] < 0) continue;
+      const __m512 x = _mm512_maskz_loadu_ps(m, lat + static_cast<int64_t>(ids[r]) * C + c);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(alpha * w[r]), x));
+    }
+    _mm512_mask_storeu_ps(dst + c, m, acc);
+  }
+#else
+  std::fill(dst, dst + C, 0.f);
+  for (int r = 0; r < d1; ++r) {
+    if (ids[r] < 0) continue;
+    const float wr = alpha * w[r];
+    const float* src = lat + static_cast<int64_t>(ids[r]) * C;
+    for (int64_t c = 0; c < C; ++c) dst[c] += wr * src[c];
+  }
+#endif
+}
 
 }  // namespace
 
@@ -264,12 +398,8 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
   // Blocks never straddle images. Their tables are kept between calls (reset, not reallocated).
   const int64_t per_image = std::max<int64_t>(1, (n + kBlockPixels - 1) / kBlockPixels);
   const int64_t nblocks = batch * per_image;
-  static std::vector<KeyTable> locals;
   static std::vector<std::vector<int32_t>> local_to_global;
-  if (static_cast<int64_t>(locals.size()) < nblocks) {
-    locals.resize(nblocks);
-    local_to_global.resize(nblocks);
-  }
+  if (static_cast<int64_t>(local_to_global.size()) < nblocks) local_to_global.resize(nblocks);
   auto block_range = [&](int64_t blk) {
     const int64_t b = blk / per_image, j = blk % per_image;
     const int64_t len = (n + per_image - 1) / per_image;
@@ -277,21 +407,23 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
     return std::make_pair(p0, b * n + std::min(n, (j + 1) * len));
   };
 
-  // 1. Embed and number keys per block (parallel over blocks).
-  {
-    PhaseTimer t(kEmbedHash);
-    at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t blk = lo; blk < hi; ++blk) {
-        const auto [p0, p1] = block_range(blk);
-        locals[blk].reset(d, (p1 - p0) / 4 + 16);
-        embed_block_any(f, keep, d, scale, p0, p1, locals[blk], vp, bp);
-      }
-    });
-  }
-
-  // 2. Merge the block tables of each image in block order (serial per image, parallel over images).
+  // 1. Embed and number keys per block (parallel over blocks); 2. merge the block tables of each image in block
+  //    order (serial per image, parallel over images).
   std::vector<KeyTable> tables(batch);
-  {
+  auto embed_and_merge = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    static std::vector<LocalTable<D>> locals;  // one instance per D, kept between builds
+    if (static_cast<int64_t>(locals.size()) < nblocks) locals.resize(nblocks);
+    {
+      PhaseTimer t(kEmbedHash);
+      at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t blk = lo; blk < hi; ++blk) {
+          const auto [p0, p1] = block_range(blk);
+          locals[blk].reset(d, (p1 - p0) / 4 + 16);
+          embed_block<D>(f, keep, d, scale, p0, p1, locals[blk], vp, bp);
+        }
+      });
+    }
     PhaseTimer t(kMerge);
     at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
@@ -299,13 +431,19 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
         for (int64_t j = 0; j < per_image; ++j) expected += locals[b * per_image + j].size();
         tables[b].reset(d, expected / 2);
         for (int64_t j = 0; j < per_image; ++j) {
-          const KeyTable& loc = locals[b * per_image + j];
+          const LocalTable<D>& loc = locals[b * per_image + j];
           std::vector<int32_t>& map = local_to_global[b * per_image + j];
           map.resize(loc.size());
           for (int64_t id = 0; id < loc.size(); ++id) map[id] = tables[b].insert(loc.key(id));
         }
       }
     });
+  };
+  switch (d) {
+    case 2: embed_and_merge(std::integral_constant<int, 2>()); break;
+    case 3: embed_and_merge(std::integral_constant<int, 3>()); break;
+    case 5: embed_and_merge(std::integral_constant<int, 5>()); break;
+    default: embed_and_merge(std::integral_constant<int, 0>()); break;
   }
 
   std::vector<int64_t> voff(batch + 1, 0);
@@ -408,16 +546,13 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
       acc.assign(static_cast<size_t>(V) * cw, 0.f);
       int64_t vmin = V, vmax = -1;
       for (int64_t p = b * n; p < (b + 1) * n; ++p) {
-        const float* src = in + p * C + c0;
+        const int32_t* ids = vp + p * d1;
+        if (ids[0] < 0) continue;  // outside the roi: all corners are -1
         for (int r = 0; r < d1; ++r) {
-          const int32_t v = vp[p * d1 + r];
-          if (v < 0) break;  // outside the roi: all corners are -1
-          vmin = std::min<int64_t>(vmin, v);
-          vmax = std::max<int64_t>(vmax, v);
-          const float w = bp[p * d1 + r];
-          float* dst = acc.data() + static_cast<int64_t>(v) * cw;
-          for (int64_t c = 0; c < cw; ++c) dst[c] += w * src[c];
+          vmin = std::min<int64_t>(vmin, ids[r]);
+          vmax = std::max<int64_t>(vmax, ids[r]);
         }
+        splat_pixel(in + p * C + c0, cw, ids, bp + p * d1, d1, acc.data(), cw);
       }
       for (int64_t v = vmin; v <= vmax; ++v) {
         std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, a + v * C + c0);
@@ -456,17 +591,7 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   float* op = out.data_ptr<float>();
   const float alpha = lattice_alpha(d);
   at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      float* dst = op + p * C;
-      std::fill(dst, dst + C, 0.f);
-      for (int r = 0; r < d1; ++r) {
-        const int32_t v = vp[p * d1 + r];
-        if (v < 0) continue;
-        const float w = alpha * bp[p * d1 + r];
-        const float* src = a + static_cast<int64_t>(v) * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
-      }
-    }
+    for (int64_t p = lo; p < hi; ++p) slice_pixel(op + p * C, C, vp + p * d1, bp + p * d1, d1, alpha, a);
   });
   timer.reset();
   return out;
