@@ -187,6 +187,92 @@ void embed_lanes(const float* pos, int lanes, int dr, const double* scale, LaneK
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// embed_lanes() with AVX-512 intrinsics, 8 pixels per register: the same double operations (explicit multiplies
+// and subtractions, never fused), so the results are bitwise those of embed_point().
+template <int D>
+void embed_lanes_avx512(const float* pos, int lanes, const double* scale, LaneKeys& out, float* bary) {
+  constexpr int d = D, d1 = D + 1;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // Feature row of each lane; tail lanes (beyond `lanes`) read pixel 0 and are never stored.
+  const __mmask8 real = _mm256_cmpgt_epi32_mask(_mm256_set1_epi32(lanes), lane);
+  const __m256i row = _mm256_mullo_epi32(_mm256_maskz_mov_epi32(real, lane), _mm256_set1_epi32(d));
+  __m512d el[d1];
+  __m512d sm = _mm512_setzero_pd();
+  for (int i = d; i >= 1; --i) {
+    const __m256 x = _mm256_i32gather_ps(pos + i - 1, row, 4);
+    const __m512d cf = _mm512_mul_pd(_mm512_cvtps_pd(x), _mm512_set1_pd(scale[i - 1]));
+    el[i] = _mm512_sub_pd(sm, _mm512_mul_pd(_mm512_set1_pd(static_cast<double>(i)), cf));
+    sm = _mm512_add_pd(sm, cf);
+  }
+  el[0] = sm;
+  const __m512d down_scale = _mm512_set1_pd(1.0 / (d + 1));
+  const __m512d dd1 = _mm512_set1_pd(static_cast<double>(d + 1));
+  const __m256i id1 = _mm256_set1_epi32(d + 1);
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i rem0[d1], rank[d1];
+  __m512d resid[d1];
+  __m256i sum = _mm256_setzero_si256();
+  for (int i = 0; i <= d; ++i) {
+    const __m512d v = _mm512_mul_pd(el[i], down_scale);
+    const __m512d up = _mm512_roundscale_pd(v, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    const __m512d down = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __mmask8 take_up = _mm512_cmp_pd_mask(_mm512_sub_pd(_mm512_mul_pd(up, dd1), el[i]),
+                                                _mm512_sub_pd(el[i], _mm512_mul_pd(down, dd1)), _CMP_LT_OQ);
+    const __m256i k = _mm512_cvttpd_epi32(_mm512_mask_mov_pd(down, take_up, up));
+    rem0[i] = _mm256_mullo_epi32(k, id1);
+    resid[i] = _mm512_sub_pd(el[i], _mm512_cvtepi32_pd(rem0[i]));
+    sum = _mm256_add_epi32(sum, k);
+    rank[i] = _mm256_setzero_si256();
+  }
+  for (int i = 0; i < d; ++i) {
+    for (int j = i + 1; j <= d; ++j) {
+      const __mmask8 lt = _mm512_cmp_pd_mask(resid[i], resid[j], _CMP_LT_OQ);  // ties rank j higher
+      rank[i] = _mm256_mask_add_epi32(rank[i], lt, rank[i], one);
+      rank[j] = _mm256_mask_add_epi32(rank[j], static_cast<__mmask8>(~lt), rank[j], one);
+    }
+  }
+  const __m256i zero = _mm256_setzero_si256();
+  const __mmask8 pos_sum = _mm256_cmpgt_epi32_mask(sum, zero), neg_sum = _mm256_cmpgt_epi32_mask(zero, sum);
+  for (int i = 0; i <= d; ++i) {
+    const __mmask8 wrap_down = pos_sum & _mm256_cmpge_epi32_mask(rank[i], _mm256_sub_epi32(id1, sum));
+    const __mmask8 wrap_up = neg_sum & _mm256_cmpgt_epi32_mask(_mm256_sub_epi32(zero, sum), rank[i]);
+    const __m256i wrap = _mm256_mask_mov_epi32(_mm256_mask_mov_epi32(zero, wrap_up, id1), wrap_down,
+                                               _mm256_sub_epi32(zero, id1));
+    rem0[i] = _mm256_add_epi32(rem0[i], wrap);
+    rank[i] = _mm256_add_epi32(_mm256_add_epi32(rank[i], sum), wrap);
+  }
+  // by_rank[k] = (el[i] - rem0[i]) / (d+1) of the coordinate i ranked k (exactly one per lane): a select, no sum.
+  __m512d by_rank[d1];
+  for (int k = 0; k <= d; ++k) by_rank[k] = _mm512_setzero_pd();
+  for (int i = 0; i <= d; ++i) {
+    const __m512d v = _mm512_mul_pd(_mm512_sub_pd(el[i], _mm512_cvtepi32_pd(rem0[i])), down_scale);
+    for (int k = 0; k <= d; ++k) {
+      by_rank[k] = _mm512_mask_mov_pd(by_rank[k], _mm256_cmpeq_epi32_mask(rank[i], _mm256_set1_epi32(k)), v);
+    }
+  }
+  const __mmask8 store = static_cast<__mmask8>((1u << lanes) - 1);
+  const __m256i brow = _mm256_mullo_epi32(lane, id1);
+  for (int r = 0; r <= d; ++r) {
+    const __m512d b = r == 0 ? _mm512_add_pd(by_rank[d], _mm512_sub_pd(_mm512_set1_pd(1.0), by_rank[0]))
+                             : _mm512_sub_pd(by_rank[d - r], by_rank[d + 1 - r]);
+    _mm256_mask_i32scatter_ps(bary + r, store, brow, _mm512_cvtpd_ps(b), 4);
+  }
+  for (int r = 0; r <= d; ++r) {
+    __m256i h = zero;
+    for (int i = 0; i < d; ++i) {
+      // Corner r: rem0 + r, less d+1 on the coordinates ranked above d - r.
+      const __mmask8 above = _mm256_cmpgt_epi32_mask(rank[i], _mm256_set1_epi32(d - r));
+      const __m256i k = _mm256_add_epi32(rem0[i], _mm256_mask_mov_epi32(_mm256_set1_epi32(r), above,
+                                                                        _mm256_set1_epi32(r - (d + 1))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.key[r][i]), k);
+      h = _mm256_add_epi32(h, _mm256_mullo_epi32(k, _mm256_set1_epi32(static_cast<int32_t>(kHashMult[i]))));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.hash[r]), h);
+  }
+}
+#endif
+
 // Block-local table from a D-int key to a dense id (insertion order); slots hold the key's hash beside its id, so
 // a probe compares keys only on a hash match. Kept between builds (reset keeps the memory).
 template <int D>
@@ -275,7 +361,15 @@ void embed_block(const float* f, const bool* keep, int dr, const double* scale, 
   bool have_prev = false;
   for (int64_t q = p0; q < p1; q += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, p1 - q));
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if constexpr (D > 0) {
+      embed_lanes_avx512<D>(f + q * d, lanes, scale, lk, bp + q * d1);
+    } else {
+      embed_lanes<D>(f + q * d, lanes, d, scale, lk, bp + q * d1);
+    }
+#else
     embed_lanes<D>(f + q * d, lanes, d, scale, lk, bp + q * d1);
+#endif
     for (int l = 0; l < lanes; ++l) {
       const int64_t p = q + l;
       int32_t* ids = vp + p * d1;
