@@ -22,66 +22,6 @@
 namespace nclib {
 namespace {
 
-// Open-addressing hash map from a D-int key to a dense id (ids in insertion order), growing at half load.
-class KeyTable {
- public:
-  KeyTable() = default;
-  KeyTable(int d, int64_t expected) { reset(d, expected); }
-
-  // Empty the table for D-int keys, keeping its memory.
-  void reset(int d, int64_t expected) {
-    d_ = d;
-    int64_t cap = 64;
-    while (cap < 2 * expected) cap <<= 1;
-    slots_.assign(cap, -1);
-    keys_.clear();
-    count_ = 0;
-  }
-
-  int32_t insert(const int32_t* key) {
-    if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) grow();
-    const int64_t s = find_slot(key);
-    if (slots_[s] < 0) {
-      slots_[s] = static_cast<int32_t>(count_++);
-      keys_.insert(keys_.end(), key, key + d_);
-    }
-    return slots_[s];
-  }
-
-  int32_t find(const int32_t* key) const { return slots_[find_slot(key)]; }
-
-  int64_t size() const { return count_; }
-  const int32_t* key(int64_t id) const { return keys_.data() + id * d_; }
-
- private:
-  int64_t find_slot(const int32_t* key) const {
-    const uint64_t mask = slots_.size() - 1;
-    uint64_t s = hash_key(key, d_) & mask;
-    while (true) {
-      const int32_t id = slots_[s];
-      if (id < 0 || std::memcmp(keys_.data() + static_cast<int64_t>(id) * d_, key, d_ * sizeof(int32_t)) == 0) {
-        return static_cast<int64_t>(s);
-      }
-      s = (s + 1) & mask;
-    }
-  }
-
-  void grow() {
-    slots_.assign(slots_.size() * 2, -1);
-    const uint64_t mask = slots_.size() - 1;
-    for (int64_t id = 0; id < count_; ++id) {
-      uint64_t s = hash_key(key(id), d_) & mask;
-      while (slots_[s] >= 0) s = (s + 1) & mask;
-      slots_[s] = static_cast<int32_t>(id);
-    }
-  }
-
-  int d_ = 0;
-  int64_t count_ = 0;
-  std::vector<int32_t> slots_;
-  std::vector<int32_t> keys_;
-};
-
 // Wall-clock milliseconds of the phases of the last build() and filter() in this process (see profile()).
 enum Phase { kEmbedHash, kMerge, kRemap, kNeighbours, kSplat, kBlur, kSlice, kPhases };
 const char* const kPhaseNames[kPhases] = {"embed_hash", "merge", "remap", "neighbours", "splat", "blur", "slice"};
@@ -115,6 +55,12 @@ struct LaneKeys {
 constexpr uint32_t kHashMult[kMaxD] = {0x9E3779B1u, 0x85EBCA77u, 0xC2B2AE3Du, 0x27D4EB2Fu, 0x165667B1u, 0xD3A2646Bu,
                                        0xFD7046C5u, 0xB55A4F09u, 0x8CB92BA7u, 0xE6546B65u, 0x2545F491u, 0x9FB21C65u,
                                        0xC13FA9A9u, 0x91E10DA5u, 0xA54FF53Bu, 0x510E527Fu};
+
+inline uint32_t key_hash(const int32_t* key, int d) {
+  uint32_t h = 0;
+  for (int i = 0; i < d; ++i) h += static_cast<uint32_t>(key[i]) * kHashMult[i];
+  return h;
+}
 
 template <int D>
 void embed_lanes(const float* pos, int lanes, int dr, const double* scale, LaneKeys& out, float* bary) {
@@ -273,10 +219,10 @@ void embed_lanes_avx512(const float* pos, int lanes, const double* scale, LaneKe
 }
 #endif
 
-// Block-local table from a D-int key to a dense id (insertion order); slots hold the key's hash beside its id, so
-// a probe compares keys only on a hash match. Kept between builds (reset keeps the memory).
+// Open-addressing table from a D-int key to a dense id (insertion order), growing at half load; slots hold the
+// key's hash (key_hash) beside its id, so a probe compares keys only on a hash match. reset() keeps the memory.
 template <int D>
-class LocalTable {
+class KeyTable {
  public:
   void reset(int d, int64_t expected) {
     d_ = D > 0 ? D : d;
@@ -304,6 +250,15 @@ class LocalTable {
         return ids_[s];
       }
       if (hashes_[s] == h && same_key(keys_.data() + static_cast<int64_t>(id) * dim(), key)) return id;
+    }
+  }
+
+  // Id of `key` (hash h), -1 when absent.
+  int32_t find(const int32_t* key, uint32_t h) const {
+    const uint32_t mask = static_cast<uint32_t>(ids_.size() - 1);
+    for (uint32_t s = slot(h);; s = (s + 1) & mask) {
+      const int32_t id = ids_[s];
+      if (id < 0 || (hashes_[s] == h && same_key(keys_.data() + static_cast<int64_t>(id) * dim(), key))) return id;
     }
   }
 
@@ -351,7 +306,7 @@ class LocalTable {
 // Neighbouring pixels share most corners: a corner is looked up among the previous pixel's before the table.
 template <int D>
 void embed_block(const float* f, const bool* keep, int dr, const double* scale, int64_t p0, int64_t p1,
-                 LocalTable<D>& local, int32_t* vp, float* bp) {
+                 KeyTable<D>& local, int32_t* vp, float* bp) {
   const int d = D > 0 ? D : dr;
   const int d1 = d + 1;
   LaneKeys lk;
@@ -503,10 +458,13 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
 
   // 1. Embed and number keys per block (parallel over blocks); 2. merge the block tables of each image in block
   //    order (serial per image, parallel over images).
-  std::vector<KeyTable> tables(batch);
-  auto embed_and_merge = [&](auto dim) {
+  // 1. Embed and number keys per block (parallel over blocks); 2. merge the block tables of each image in block
+  //    order (serial per image, parallel over images); 3. local -> global ids (parallel over blocks);
+  //    4. neighbours along each of the D+1 axes (read-only lookups, parallel over vertices).
+  torch::Tensor nbr, per_image_count;
+  auto build_dim = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    static std::vector<LocalTable<D>> locals;  // one instance per D, kept between builds
+    static std::vector<KeyTable<D>> locals;  // one instance per D, kept between builds
     if (static_cast<int64_t>(locals.size()) < nblocks) locals.resize(nblocks);
     {
       PhaseTimer t(kEmbedHash);
@@ -518,71 +476,70 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
         }
       });
     }
-    PhaseTimer t(kMerge);
-    at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
-        int64_t expected = 16;
-        for (int64_t j = 0; j < per_image; ++j) expected += locals[b * per_image + j].size();
-        tables[b].reset(d, expected / 2);
-        for (int64_t j = 0; j < per_image; ++j) {
-          const LocalTable<D>& loc = locals[b * per_image + j];
-          std::vector<int32_t>& map = local_to_global[b * per_image + j];
-          map.resize(loc.size());
-          for (int64_t id = 0; id < loc.size(); ++id) map[id] = tables[b].insert(loc.key(id));
+    std::vector<KeyTable<D>> tables(batch);
+    {
+      PhaseTimer t(kMerge);
+      at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          int64_t expected = 16;
+          for (int64_t j = 0; j < per_image; ++j) expected += locals[b * per_image + j].size();
+          tables[b].reset(d, expected / 2);
+          for (int64_t j = 0; j < per_image; ++j) {
+            const KeyTable<D>& loc = locals[b * per_image + j];
+            std::vector<int32_t>& map = local_to_global[b * per_image + j];
+            map.resize(loc.size());
+            for (int64_t id = 0; id < loc.size(); ++id) map[id] = tables[b].insert(loc.key(id), key_hash(loc.key(id), d));
+          }
         }
-      }
-    });
-  };
-  switch (d) {
-    case 2: embed_and_merge(std::integral_constant<int, 2>()); break;
-    case 3: embed_and_merge(std::integral_constant<int, 3>()); break;
-    case 5: embed_and_merge(std::integral_constant<int, 5>()); break;
-    default: embed_and_merge(std::integral_constant<int, 0>()); break;
-  }
+      });
+    }
 
-  std::vector<int64_t> voff(batch + 1, 0);
-  for (int64_t b = 0; b < batch; ++b) voff[b + 1] = voff[b] + tables[b].size();
-  const int64_t V = voff[batch];
-  TORCH_CHECK(V < (int64_t(1) << 31), "lattice build: too many lattice vertices (", V, ")");
-  torch::Tensor per_image_count = torch::empty({batch}, torch::TensorOptions().dtype(torch::kInt64));
-  for (int64_t b = 0; b < batch; ++b) per_image_count.data_ptr<int64_t>()[b] = tables[b].size();
+    std::vector<int64_t> voff(batch + 1, 0);
+    for (int64_t b = 0; b < batch; ++b) voff[b + 1] = voff[b] + tables[b].size();
+    const int64_t V = voff[batch];
+    TORCH_CHECK(V < (int64_t(1) << 31), "lattice build: too many lattice vertices (", V, ")");
+    per_image_count = torch::empty({batch}, torch::TensorOptions().dtype(torch::kInt64));
+    for (int64_t b = 0; b < batch; ++b) per_image_count.data_ptr<int64_t>()[b] = tables[b].size();
 
-  // 3. Local -> global vertex ids (parallel over blocks).
-  {
-    PhaseTimer t(kRemap);
-    at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t blk = lo; blk < hi; ++blk) {
-        const auto [p0, p1] = block_range(blk);
-        const int32_t off = static_cast<int32_t>(voff[blk / per_image]);
-        const int32_t* map = local_to_global[blk].data();
-        for (int64_t e = p0 * d1; e < p1 * d1; ++e) {
-          if (vp[e] >= 0) vp[e] = map[vp[e]] + off;
+    {
+      PhaseTimer t(kRemap);
+      at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t blk = lo; blk < hi; ++blk) {
+          const auto [p0, p1] = block_range(blk);
+          const int32_t off = static_cast<int32_t>(voff[blk / per_image]);
+          const int32_t* map = local_to_global[blk].data();
+          for (int64_t e = p0 * d1; e < p1 * d1; ++e) {
+            if (vp[e] >= 0) vp[e] = map[vp[e]] + off;
+          }
         }
-      }
-    });
-  }
+      });
+    }
 
-  // 4. Neighbours along each of the D+1 axes (read-only lookups, parallel over vertices).
-  torch::Tensor nbr = torch::empty({V, d1, 2}, i32);
-  int32_t* np = nbr.data_ptr<int32_t>();
-  {
+    nbr = torch::empty({V, d1, 2}, i32);
+    int32_t* np = nbr.data_ptr<int32_t>();
     PhaseTimer t(kNeighbours);
     at::parallel_for(0, V, 1024, [&](int64_t lo, int64_t hi) {
       int32_t nk[kMaxD];
       int64_t b = std::upper_bound(voff.begin(), voff.end(), lo) - voff.begin() - 1;
       for (int64_t v = lo; v < hi; ++v) {
         while (v >= voff[b + 1]) ++b;
-        const KeyTable& t = tables[b];
+        const KeyTable<D>& t = tables[b];
         const int32_t* key = t.key(v - voff[b]);
         for (int a = 0; a < d1; ++a) {
           for (int dir = 0; dir < 2; ++dir) {
             neighbour_key(key, d, a, dir, nk);
-            const int32_t id = t.find(nk);
+            const int32_t id = t.find(nk, key_hash(nk, d));
             np[(v * d1 + a) * 2 + dir] = id < 0 ? -1 : id + static_cast<int32_t>(voff[b]);
           }
         }
       }
     });
+  };
+  switch (d) {
+    case 2: build_dim(std::integral_constant<int, 2>()); break;
+    case 3: build_dim(std::integral_constant<int, 3>()); break;
+    case 5: build_dim(std::integral_constant<int, 5>()); break;
+    default: build_dim(std::integral_constant<int, 0>()); break;
   }
 
   // The CPU filter scatters in pixel order and needs no splat CSR (the CUDA build makes one).
