@@ -43,3 +43,44 @@ def load_baseline():
         build_directory=str(src),
     )
     return module, sha
+
+
+class using_kernel:
+    """Context in which ``nclib.lattice`` builds its CPU lattices with ``module`` (e.g. the baseline kernel).
+
+    The Python side (checks, layouts) stays this checkout's, so a timing inside compares the kernels alone.
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.saved = _ext.load("cpu")
+        _ext._loaded["cpu"] = self.module  # the loader's cache: what Permutohedral picks up
+        return self.module
+
+    def __exit__(self, *exc):
+        _ext._loaded["cpu"] = self.saved
+
+
+def paired_median_ms(ours, theirs, runs: int, baseline, clock=None) -> tuple[float, float]:
+    """Median ms of ``ours()`` and of ``theirs()`` (run under the baseline kernel), calls alternating so that the
+    noise of a shared machine falls on both alike; one warm-up call each. ``clock``: default wall time
+    (time.perf_counter); time.process_time gives this process's CPU time, which other processes disturb less."""
+    import statistics
+    import time
+
+    clock = clock or time.perf_counter
+    a, b = [], []
+    ours()
+    with using_kernel(baseline):
+        theirs()
+    for _ in range(runs):
+        t0 = clock()
+        ours()
+        a.append((clock() - t0) * 1e3)
+        with using_kernel(baseline):
+            t0 = clock()
+            theirs()
+            b.append((clock() - t0) * 1e3)
+    return statistics.median(a), statistics.median(b)
