@@ -611,11 +611,13 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
     }
   });
 
-  // Blur with [1/2, 1, 1/2] along each axis; absent neighbours hold 0.
+  // Blur with [1/2, 1, 1/2] along each axis; absent neighbours hold 0. A lattice of up to 2^20 values is blurred
+  // on the calling thread: D+1 thread wake-ups would cost more than the work (and far more on a busy machine).
   timer.emplace(kBlur);
+  const int64_t blur_grain = V * C <= (int64_t(1) << 20) ? std::max<int64_t>(V, 1) : grain;
   for (int step = 0; step < d1; ++step) {
     const int ax = transpose ? d - step : step;
-    at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, V, blur_grain, [&](int64_t lo, int64_t hi) {
       for (int64_t v = lo; v < hi; ++v) {
         const int32_t n0 = np[(v * d1 + ax) * 2];
         const int32_t n1 = np[(v * d1 + ax) * 2 + 1];
