@@ -10,6 +10,7 @@ both, so the ratio (baseline / ours, > 1 is faster) is the kernels' alone. ``NCL
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def main() -> None:
         "per 321x321 image; time per pixel at 1024^2 within 1.5x of 128^2.",
         "",
         f"Each cell: ours (baseline, baseline / ours) with the {against}, measured in the same run with calls "
-        "alternating; the Python side is the same for both.",
+        f"alternating; the Python side is the same for both. Load average at the start: {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores (above the core count, wall times are inflated by other processes).",
         "",
         "## Real photos, 21 channels, sigma_rgb 15, sigma_xy 100",
         "",
