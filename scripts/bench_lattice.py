@@ -2,20 +2,27 @@
 
 Real photos (scikit-image's bundled ones), 21 channels, sigma_rgb 15, sigma_xy 100, batch 2, 2 threads; medians of
 several runs. The goals of the foundation issue are printed beside the measurements.
+
+Every timing is paired with the CPU kernel of a baseline revision measured in the same run, calls alternating
+(``NCLIB_BASELINE_REF``, default ``main``; see scripts/lattice_baseline.py): the Python side is this checkout's in
+both, so the ratio (baseline / ours, > 1 is faster) is the kernels' alone. ``NCLIB_BASELINE_REF=none`` skips it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from pathlib import Path
 
 import torch
-from benchutil import ROOT, median_ms, photos
 
 import nclib
 from nclib import Permutohedral, exact_gaussian_filter, rgbxy_features
 from nclib.lattice import relative_rms_error
 from nclib.photos import photo_tensor
+
+from benchutil import ROOT, median_ms, photos
+from lattice_baseline import baseline_ref, load_baseline, paired_median_ms, using_kernel
 
 
 def main() -> None:
@@ -27,6 +34,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     nclib.lattice.Permutohedral(torch.zeros(1, 5, 4, 4))  # build the extension outside the timings
 
+    baseline, sha = (None, None) if baseline_ref() == "none" else load_baseline()
+
+    def timed(fn, runs, theirs=None):
+        """(ours ms, baseline ms or None): medians over `runs` alternating calls of fn() and of theirs() (default
+        fn) under the baseline kernel."""
+        if baseline is None:
+            return median_ms(fn, runs), None
+        return paired_median_ms(fn, theirs or fn, runs, baseline)
+
+    def cell(pair, per=1.0):
+        ours, base = pair
+        if base is None:
+            return f"{ours / per:.1f}"
+        return f"{ours / per:.1f} ({base / per:.1f}, {base / ours:.2f}x)"
+
+    against = "no baseline" if baseline is None else f"baseline: the CPU kernel of `{baseline_ref()}` = {sha}"
     lines = [
         "# Permutohedral lattice, CPU kernel",
         "",
@@ -34,22 +57,30 @@ def main() -> None:
         f"{args.threads} threads, median of {args.runs} runs). Goal: build + one 21-channel filter <= 20 ms "
         "per 321x321 image; time per pixel at 1024^2 within 1.5x of 128^2.",
         "",
-        "## Real photos, 21 channels, sigma_rgb 15, sigma_xy 100, batch 2",
+        f"Each cell: ours (baseline, baseline / ours) with the {against}, measured in the same run with calls "
+        f"alternating; the Python side is the same for both. Load average at the start: {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores (above the core count, wall times are inflated by other processes).",
         "",
-        "| size | build ms/img | filter ms/img | total ms/img | normalized filter ms/img | vertices / pixels |",
-        "|---|---|---|---|---|---|",
+        "## Real photos, 21 channels, sigma_rgb 15, sigma_xy 100",
+        "",
+        "| size | batch | build ms/img | filter ms/img | total ms/img | normalized filter ms/img | vertices / pixels |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for size in (321, 513):
-        imgs = photos(size)
+    for size, batch in ((321, 2), (321, 1), (513, 2)):
+        imgs = photos(size)[:batch]
         feats = rgbxy_features(imgs, 15.0, 100.0)
-        vals = torch.rand(2, 21, size, size)
+        vals = torch.rand(batch, 21, size, size)
         lat = Permutohedral(feats)
-        build = median_ms(lambda: Permutohedral(feats), args.runs) / 2
-        filt = median_ms(lambda: lat.filter(vals), args.runs) / 2
-        total = median_ms(lambda: Permutohedral(feats).filter(vals), args.runs) / 2
-        norm = median_ms(lambda: Permutohedral(feats).filter(vals, normalize=True), args.runs) / 2
-        occ = lat.num_vertices / (2 * size * size)
-        lines.append(f"| {size}x{size} | {build:.1f} | {filt:.1f} | {total:.1f} | {norm:.1f} | {occ:.3f} |")
+        if baseline is not None:
+            with using_kernel(baseline):
+                lat_base = Permutohedral(feats)  # filtered by the kernel that built it
+        build = timed(lambda: Permutohedral(feats), args.runs)
+        filt = timed(lambda: lat.filter(vals), args.runs, lambda: lat_base.filter(vals))
+        total = timed(lambda: Permutohedral(feats).filter(vals), args.runs)
+        norm = timed(lambda: Permutohedral(feats).filter(vals, normalize=True), args.runs)
+        occ = lat.num_vertices / (batch * size * size)
+        lines.append(f"| {size}x{size} | {batch} | {cell(build, batch)} | {cell(filt, batch)} | {cell(total, batch)} "
+                     f"| {cell(norm, batch)} | {occ:.3f} |")
         print(lines[-1], flush=True)
 
     lines += ["", "## Linear scaling (one photo, 21 channels, build + filter)", "",
@@ -59,10 +90,10 @@ def main() -> None:
         img = photos(size, ("astronaut",))
         feats = rgbxy_features(img, 15.0, 100.0 * size / 321)  # same kernel relative to the image
         vals = torch.rand(1, 21, size, size)
-        ms = median_ms(lambda: Permutohedral(feats).filter(vals), max(3, args.runs // (1 + size // 512)))
-        ns = ms * 1e6 / size**2
+        ms = timed(lambda: Permutohedral(feats).filter(vals), max(7, args.runs // (1 + size // 512)))
+        ns = ms[0] * 1e6 / size**2
         base = base or ns
-        lines.append(f"| {size}^2 | {ms:.1f} | {ns:.1f} | {ns / base:.2f} |")
+        lines.append(f"| {size}^2 | {cell(ms)} | {ns:.1f} | {ns / base:.2f} |")
         print(lines[-1], flush=True)
 
     lines += ["", "## Accuracy against the exact Gaussian (64x64 crops, a photo's own RGB, normalized)", "",

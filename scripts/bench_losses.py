@@ -20,11 +20,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchutil import median_ms, photos  # noqa: E402
-
 from nclib.crf import dense_crf  # noqa: E402
 from nclib.lattice import Permutohedral, rgbxy_features, xy_features  # noqa: E402
 from nclib.losses import normalized_cut_loss  # noqa: E402
+
+from benchutil import median_ms, photos  # noqa: E402
 
 SIZE, K = 321, 21
 

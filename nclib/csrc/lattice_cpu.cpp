@@ -1,77 +1,425 @@
-// CPU permutohedral lattice: build (embed + hash + neighbours + splat CSR) and filter (splat, blur, slice).
-// Parallel with ATen's primitives (at::parallel_for), so torch.set_num_threads governs it.
+// CPU permutohedral lattice: build (embed + hash + neighbours) and filter (splat, blur, slice).
+// Parallel with ATen's primitives (at::parallel_for), so torch.set_num_threads governs it. Results do not depend
+// on the thread count: every sum is taken in a fixed order, and vertex ids are first-touch ids in pixel order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <optional>
+#include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
 #include "lattice_common.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace nclib {
 namespace {
 
-// Open-addressing hash map from a D-int key to a dense vertex id, growing at half load.
-class KeyTable {
+// Wall-clock milliseconds of the phases of the last build() and filter() in this process (see profile()).
+enum Phase { kEmbedHash, kMerge, kRemap, kNeighbours, kSplat, kBlur, kSlice, kPhases };
+const char* const kPhaseNames[kPhases] = {"embed_hash", "merge", "remap", "neighbours", "splat", "blur", "slice"};
+double g_phase_ms[kPhases] = {0};
+
+class PhaseTimer {
  public:
-  explicit KeyTable(int d, int64_t expected) : d_(d) {
-    int64_t cap = 64;
-    while (cap < 2 * expected) cap <<= 1;
-    slots_.assign(cap, -1);
+  explicit PhaseTimer(Phase p) : p_(p), t0_(std::chrono::steady_clock::now()) {}
+  ~PhaseTimer() {
+    g_phase_ms[p_] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count();
   }
-
-  int32_t insert(const int32_t* key) {
-    if (2 * (size() + 1) > static_cast<int64_t>(slots_.size())) grow();
-    int64_t s = find_slot(key);
-    if (slots_[s] < 0) {
-      slots_[s] = static_cast<int32_t>(size());
-      keys_.insert(keys_.end(), key, key + d_);
-    }
-    return slots_[s];
-  }
-
-  int32_t find(const int32_t* key) const {
-    const int32_t id = slots_[find_slot(key)];
-    return id;
-  }
-
-  int64_t size() const { return d_ == 0 ? 0 : static_cast<int64_t>(keys_.size()) / d_; }
-  const int32_t* key(int64_t id) const { return keys_.data() + id * d_; }
 
  private:
-  int64_t find_slot(const int32_t* key) const {
-    const uint64_t mask = slots_.size() - 1;
-    uint64_t s = hash_key(key, d_) & mask;
-    while (true) {
-      const int32_t id = slots_[s];
-      if (id < 0 || std::memcmp(keys_.data() + static_cast<int64_t>(id) * d_, key, d_ * sizeof(int32_t)) == 0) {
-        return static_cast<int64_t>(s);
-      }
-      s = (s + 1) & mask;
+  Phase p_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+// embed_point() of lattice_common.h for kLanes pixels at once; with the dimension known at compile time (D > 0)
+// the lane loops vectorise (D = 0: runtime dimension dr). Every double operation is the one embed_point() does,
+// in the same order, never fused (-ffp-contract=off), so keys and weights are bitwise those of the CUDA kernel
+// (tests/test_cuda.py's host emulation compares them).
+constexpr int kLanes = 8;
+
+// Corner keys and their hashes for kLanes pixels (struct of arrays: the key loops vectorise too).
+struct LaneKeys {
+  int32_t key[kMaxD + 1][kMaxD][kLanes];
+  uint32_t hash[kMaxD + 1][kLanes];
+};
+
+// Multipliers of the block-local key hash (sum of key[i] * mult[i], mod 2^32): cheap and vectorisable.
+constexpr uint32_t kHashMult[kMaxD] = {0x9E3779B1u, 0x85EBCA77u, 0xC2B2AE3Du, 0x27D4EB2Fu, 0x165667B1u, 0xD3A2646Bu,
+                                       0xFD7046C5u, 0xB55A4F09u, 0x8CB92BA7u, 0xE6546B65u, 0x2545F491u, 0x9FB21C65u,
+                                       0xC13FA9A9u, 0x91E10DA5u, 0xA54FF53Bu, 0x510E527Fu};
+
+inline uint32_t key_hash(const int32_t* key, int d) {
+  uint32_t h = 0;
+  for (int i = 0; i < d; ++i) h += static_cast<uint32_t>(key[i]) * kHashMult[i];
+  return h;
+}
+
+template <int D>
+void embed_lanes(const float* pos, int lanes, int dr, const double* scale, LaneKeys& out, float* bary) {
+  const int d = D > 0 ? D : dr;
+  constexpr int kN = (D > 0 ? D : kMaxD) + 1;
+  double el[kN][kLanes], resid[kN][kLanes], sm[kLanes];
+  int32_t rem0[kN][kLanes], rank[kN][kLanes], sum[kLanes];
+  for (int l = 0; l < kLanes; ++l) sm[l] = 0.0;
+  for (int i = d; i >= 1; --i) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double cf = static_cast<double>(pos[(l < lanes ? l : 0) * d + i - 1]) * scale[i - 1];
+      el[i][l] = sm[l] - i * cf;
+      sm[l] += cf;
     }
   }
+  for (int l = 0; l < kLanes; ++l) {
+    el[0][l] = sm[l];
+    sum[l] = 0;
+  }
+  const double down_scale = 1.0 / (d + 1);
+  for (int i = 0; i <= d; ++i) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double v = el[i][l] * down_scale;
+      const double up = std::ceil(v);
+      const double down = std::floor(v);
+      const int32_t k = static_cast<int32_t>((up * (d + 1) - el[i][l] < el[i][l] - down * (d + 1)) ? up : down);
+      rem0[i][l] = k * (d + 1);
+      resid[i][l] = el[i][l] - rem0[i][l];
+      sum[l] += k;
+      rank[i][l] = 0;
+    }
+  }
+  for (int i = 0; i < d; ++i) {
+    for (int j = i + 1; j <= d; ++j) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int lt = resid[i][l] < resid[j][l];  // ties rank j higher
+        rank[i][l] += lt;
+        rank[j][l] += 1 - lt;
+      }
+    }
+  }
+  for (int i = 0; i <= d; ++i) {
+    for (int l = 0; l < kLanes; ++l) {
+      // sum > 0: the top `sum` ranks wrap down; sum < 0: the bottom -sum ranks wrap up.
+      const int s = sum[l], r = rank[i][l];
+      const int wrap = (s > 0 && r >= d + 1 - s) ? -(d + 1) : ((s < 0 && r < -s) ? d + 1 : 0);
+      rem0[i][l] += wrap;
+      rank[i][l] = r + s + wrap;
+    }
+  }
+  for (int l = 0; l < lanes; ++l) {
+    double by_rank[kMaxD + 1];
+    for (int i = 0; i <= d; ++i) by_rank[rank[i][l]] = (el[i][l] - rem0[i][l]) * down_scale;
+    // embed_point accumulates b[r] = (0 + v_a) - v_b or (0 - v_b) + v_a: both round like v_a - v_b.
+    float* bw = bary + l * (d + 1);
+    bw[0] = static_cast<float>(by_rank[d] + (1.0 - by_rank[0]));
+    for (int r = 1; r <= d; ++r) bw[r] = static_cast<float>(by_rank[d - r] - by_rank[d + 1 - r]);
+  }
+  // Corner r: rem0 + r, less d+1 on the coordinates ranked above d - r (embed_point's keys).
+  for (int r = 0; r <= d; ++r) {
+    uint32_t h[kLanes] = {0};
+    for (int i = 0; i < d; ++i) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int32_t k = rem0[i][l] + (rank[i][l] <= d - r ? r : r - (d + 1));
+        out.key[r][i][l] = k;
+        h[l] += static_cast<uint32_t>(k) * kHashMult[i];
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) out.hash[r][l] = h[l];
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// embed_lanes() with AVX-512 intrinsics, 8 pixels per register: the same double operations (explicit multiplies
+// and subtractions, never fused), so the results are bitwise those of embed_point().
+template <int D>
+void embed_lanes_avx512(const float* pos, int lanes, const double* scale, LaneKeys& out, float* bary) {
+  constexpr int d = D, d1 = D + 1;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // Feature row of each lane; tail lanes (beyond `lanes`) read pixel 0 and are never stored.
+  const __mmask8 real = _mm256_cmpgt_epi32_mask(_mm256_set1_epi32(lanes), lane);
+  const __m256i row = _mm256_mullo_epi32(_mm256_maskz_mov_epi32(real, lane), _mm256_set1_epi32(d));
+  __m512d el[d1];
+  __m512d sm = _mm512_setzero_pd();
+  for (int i = d; i >= 1; --i) {
+    const __m256 x = _mm256_i32gather_ps(pos + i - 1, row, 4);
+    const __m512d cf = _mm512_mul_pd(_mm512_cvtps_pd(x), _mm512_set1_pd(scale[i - 1]));
+    el[i] = _mm512_sub_pd(sm, _mm512_mul_pd(_mm512_set1_pd(static_cast<double>(i)), cf));
+    sm = _mm512_add_pd(sm, cf);
+  }
+  el[0] = sm;
+  const __m512d down_scale = _mm512_set1_pd(1.0 / (d + 1));
+  const __m512d dd1 = _mm512_set1_pd(static_cast<double>(d + 1));
+  const __m256i id1 = _mm256_set1_epi32(d + 1);
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i rem0[d1], rank[d1];
+  __m512d resid[d1];
+  __m256i sum = _mm256_setzero_si256();
+  for (int i = 0; i <= d; ++i) {
+    const __m512d v = _mm512_mul_pd(el[i], down_scale);
+    const __m512d up = _mm512_roundscale_pd(v, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    const __m512d down = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __mmask8 take_up = _mm512_cmp_pd_mask(_mm512_sub_pd(_mm512_mul_pd(up, dd1), el[i]),
+                                                _mm512_sub_pd(el[i], _mm512_mul_pd(down, dd1)), _CMP_LT_OQ);
+    const __m256i k = _mm512_cvttpd_epi32(_mm512_mask_mov_pd(down, take_up, up));
+    rem0[i] = _mm256_mullo_epi32(k, id1);
+    resid[i] = _mm512_sub_pd(el[i], _mm512_cvtepi32_pd(rem0[i]));
+    sum = _mm256_add_epi32(sum, k);
+    rank[i] = _mm256_setzero_si256();
+  }
+  for (int i = 0; i < d; ++i) {
+    for (int j = i + 1; j <= d; ++j) {
+      const __mmask8 lt = _mm512_cmp_pd_mask(resid[i], resid[j], _CMP_LT_OQ);  // ties rank j higher
+      rank[i] = _mm256_mask_add_epi32(rank[i], lt, rank[i], one);
+      rank[j] = _mm256_mask_add_epi32(rank[j], static_cast<__mmask8>(~lt), rank[j], one);
+    }
+  }
+  const __m256i zero = _mm256_setzero_si256();
+  const __mmask8 pos_sum = _mm256_cmpgt_epi32_mask(sum, zero), neg_sum = _mm256_cmpgt_epi32_mask(zero, sum);
+  for (int i = 0; i <= d; ++i) {
+    const __mmask8 wrap_down = pos_sum & _mm256_cmpge_epi32_mask(rank[i], _mm256_sub_epi32(id1, sum));
+    const __mmask8 wrap_up = neg_sum & _mm256_cmpgt_epi32_mask(_mm256_sub_epi32(zero, sum), rank[i]);
+    const __m256i wrap = _mm256_mask_mov_epi32(_mm256_mask_mov_epi32(zero, wrap_up, id1), wrap_down,
+                                               _mm256_sub_epi32(zero, id1));
+    rem0[i] = _mm256_add_epi32(rem0[i], wrap);
+    rank[i] = _mm256_add_epi32(_mm256_add_epi32(rank[i], sum), wrap);
+  }
+  // by_rank[k] = (el[i] - rem0[i]) / (d+1) of the coordinate i ranked k (exactly one per lane): a select, no sum.
+  __m512d by_rank[d1];
+  for (int k = 0; k <= d; ++k) by_rank[k] = _mm512_setzero_pd();
+  for (int i = 0; i <= d; ++i) {
+    const __m512d v = _mm512_mul_pd(_mm512_sub_pd(el[i], _mm512_cvtepi32_pd(rem0[i])), down_scale);
+    for (int k = 0; k <= d; ++k) {
+      by_rank[k] = _mm512_mask_mov_pd(by_rank[k], _mm256_cmpeq_epi32_mask(rank[i], _mm256_set1_epi32(k)), v);
+    }
+  }
+  const __mmask8 store = static_cast<__mmask8>((1u << lanes) - 1);
+  const __m256i brow = _mm256_mullo_epi32(lane, id1);
+  for (int r = 0; r <= d; ++r) {
+    const __m512d b = r == 0 ? _mm512_add_pd(by_rank[d], _mm512_sub_pd(_mm512_set1_pd(1.0), by_rank[0]))
+                             : _mm512_sub_pd(by_rank[d - r], by_rank[d + 1 - r]);
+    _mm256_mask_i32scatter_ps(bary + r, store, brow, _mm512_cvtpd_ps(b), 4);
+  }
+  for (int r = 0; r <= d; ++r) {
+    __m256i h = zero;
+    for (int i = 0; i < d; ++i) {
+      // Corner r: rem0 + r, less d+1 on the coordinates ranked above d - r.
+      const __mmask8 above = _mm256_cmpgt_epi32_mask(rank[i], _mm256_set1_epi32(d - r));
+      const __m256i k = _mm256_add_epi32(rem0[i], _mm256_mask_mov_epi32(_mm256_set1_epi32(r), above,
+                                                                        _mm256_set1_epi32(r - (d + 1))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.key[r][i]), k);
+      h = _mm256_add_epi32(h, _mm256_mullo_epi32(k, _mm256_set1_epi32(static_cast<int32_t>(kHashMult[i]))));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.hash[r]), h);
+  }
+}
+#endif
+
+// Open-addressing table from a D-int key to a dense id (insertion order), growing at half load; slots hold the
+// key's hash (key_hash) beside its id, so a probe compares keys only on a hash match. reset() keeps the memory.
+template <int D>
+class KeyTable {
+ public:
+  void reset(int d, int64_t expected) {
+    d_ = D > 0 ? D : d;
+    int64_t cap = 64;
+    shift_ = 26;
+    while (cap < 2 * expected) {
+      cap <<= 1;
+      --shift_;
+    }
+    ids_.assign(cap, -1);
+    hashes_.resize(cap);
+    keys_.clear();
+    count_ = 0;
+  }
+
+  int32_t insert(const int32_t* key, uint32_t h) {
+    if (2 * (count_ + 1) > static_cast<int64_t>(ids_.size())) grow();
+    const uint32_t mask = static_cast<uint32_t>(ids_.size() - 1);
+    for (uint32_t s = slot(h);; s = (s + 1) & mask) {
+      const int32_t id = ids_[s];
+      if (id < 0) {
+        ids_[s] = static_cast<int32_t>(count_++);
+        hashes_[s] = h;
+        keys_.insert(keys_.end(), key, key + dim());
+        return ids_[s];
+      }
+      if (hashes_[s] == h && same_key(keys_.data() + static_cast<int64_t>(id) * dim(), key)) return id;
+    }
+  }
+
+  // Id of `key` (hash h), -1 when absent.
+  int32_t find(const int32_t* key, uint32_t h) const {
+    const uint32_t mask = static_cast<uint32_t>(ids_.size() - 1);
+    for (uint32_t s = slot(h);; s = (s + 1) & mask) {
+      const int32_t id = ids_[s];
+      if (id < 0 || (hashes_[s] == h && same_key(keys_.data() + static_cast<int64_t>(id) * dim(), key))) return id;
+    }
+  }
+
+  int64_t size() const { return count_; }
+  const int32_t* key(int64_t id) const { return keys_.data() + id * dim(); }
+
+  bool same_key(const int32_t* a, const int32_t* b) const {
+    for (int i = 0; i < dim(); ++i) {
+      if (a[i] != b[i]) return false;
+    }
+    return true;
+  }
+
+ private:
+  int dim() const { return D > 0 ? D : d_; }
+  // Fibonacci hashing: the top bits of h * 2^32/phi.
+  uint32_t slot(uint32_t h) const { return (h * 0x9E3779B9u) >> shift_; }
 
   void grow() {
-    std::vector<int32_t> old(slots_.size() * 2, -1);
-    slots_.swap(old);
-    const uint64_t mask = slots_.size() - 1;
-    for (int64_t id = 0; id < size(); ++id) {
-      uint64_t s = hash_key(key(id), d_) & mask;
-      while (slots_[s] >= 0) s = (s + 1) & mask;
-      slots_[s] = static_cast<int32_t>(id);
+    std::vector<uint32_t> old_h(hashes_);
+    std::vector<int32_t> old_id(ids_);
+    ids_.assign(old_id.size() * 2, -1);
+    hashes_.resize(ids_.size());
+    --shift_;
+    const uint32_t mask = static_cast<uint32_t>(ids_.size() - 1);
+    for (size_t s = 0; s < old_id.size(); ++s) {
+      if (old_id[s] < 0) continue;
+      uint32_t t = slot(old_h[s]);
+      while (ids_[t] >= 0) t = (t + 1) & mask;
+      ids_[t] = old_id[s];
+      hashes_[t] = old_h[s];
     }
   }
 
-  int d_;
-  std::vector<int32_t> slots_;
+  int d_ = 0;
+  int shift_ = 26;
+  int64_t count_ = 0;
+  std::vector<int32_t> ids_;
+  std::vector<uint32_t> hashes_;
   std::vector<int32_t> keys_;
 };
+
+// Embed pixels [p0, p1) (those outside the roi get -1 / 0) and number their corners in the block-local table
+// `local` in pixel order: vtx receives LOCAL ids. Touches only the block's own data, so blocks run in parallel.
+// Neighbouring pixels share most corners: a corner is looked up among the previous pixel's before the table.
+template <int D>
+void embed_block(const float* f, const bool* keep, int dr, const double* scale, int64_t p0, int64_t p1,
+                 KeyTable<D>& local, int32_t* vp, float* bp) {
+  const int d = D > 0 ? D : dr;
+  const int d1 = d + 1;
+  LaneKeys lk;
+  int32_t prev_key[kMaxD + 1][kMaxD], cur_key[kMaxD + 1][kMaxD];
+  uint32_t prev_hash[kMaxD + 1];
+  int32_t prev_id[kMaxD + 1];
+  bool have_prev = false;
+  for (int64_t q = p0; q < p1; q += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, p1 - q));
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if constexpr (D > 0) {
+      embed_lanes_avx512<D>(f + q * d, lanes, scale, lk, bp + q * d1);
+    } else {
+      embed_lanes<D>(f + q * d, lanes, d, scale, lk, bp + q * d1);
+    }
+#else
+    embed_lanes<D>(f + q * d, lanes, d, scale, lk, bp + q * d1);
+#endif
+    for (int l = 0; l < lanes; ++l) {
+      const int64_t p = q + l;
+      int32_t* ids = vp + p * d1;
+      if (keep && !keep[p]) {
+        for (int r = 0; r < d1; ++r) {
+          ids[r] = -1;
+          bp[p * d1 + r] = 0.f;
+        }
+        continue;
+      }
+      for (int r = 0; r <= d; ++r) {
+        for (int i = 0; i < d; ++i) cur_key[r][i] = lk.key[r][i][l];
+        const uint32_t h = lk.hash[r][l];
+        int32_t id = -1;
+        if (have_prev) {
+          for (int j = 0; j <= d; ++j) {
+            if (prev_hash[j] == h && local.same_key(prev_key[j], cur_key[r])) {
+              id = prev_id[j];
+              break;
+            }
+          }
+        }
+        ids[r] = id >= 0 ? id : local.insert(cur_key[r], h);
+      }
+      for (int r = 0; r <= d; ++r) {
+        for (int i = 0; i < d; ++i) prev_key[r][i] = cur_key[r][i];
+        prev_hash[r] = lk.hash[r][l];
+        prev_id[r] = ids[r];
+      }
+      have_prev = true;
+    }
+  }
+}
+
+// Pixels per build block: small enough for both cores on one image, large enough that the keys a block shares
+// with its neighbours (merged serially) stay few.
+constexpr int64_t kBlockPixels = 8192;
+
+// Splat one pixel: row v_r of `acc` (row stride `stride`) += w_r * src[0..cw) for its corners r (all -1 outside
+// the roi). Per element, the same float operations in the same order as the plain loop, whichever path runs.
+inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
+                        int64_t stride) {
+  if (ids[0] < 0) return;
+#if defined(__AVX512F__)
+  for (int64_t c = 0; c < cw; c += 16) {
+    const __mmask16 m = cw - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cw - c)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(m, src + c);
+    for (int r = 0; r < d1; ++r) {
+      float* dst = acc + static_cast<int64_t>(ids[r]) * stride + c;
+      const __m512 y = _mm512_maskz_loadu_ps(m, dst);
+      _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(y, _mm512_mul_ps(_mm512_set1_ps(w[r]), x)));
+    }
+  }
+#else
+  for (int r = 0; r < d1; ++r) {
+    float* dst = acc + static_cast<int64_t>(ids[r]) * stride;
+    for (int64_t c = 0; c < cw; ++c) dst[c] += w[r] * src[c];
+  }
+#endif
+}
+
+// Slice one pixel: dst[0..C) = sum over corners r (in order, from 0) of (alpha * w_r) * row v_r of `lat`.
+inline void slice_pixel(float* dst, int64_t C, const int32_t* ids, const float* w, int d1, float alpha,
+                        const float* lat) {
+#if defined(__AVX512F__)
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int r = 0; r < d1; ++r) {
+      if (ids[r] < 0) continue;
+      const __m512 x = _mm512_maskz_loadu_ps(m, lat + static_cast<int64_t>(ids[r]) * C + c);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(alpha * w[r]), x));
+    }
+    _mm512_mask_storeu_ps(dst + c, m, acc);
+  }
+#else
+  std::fill(dst, dst + C, 0.f);
+  for (int r = 0; r < d1; ++r) {
+    if (ids[r] < 0) continue;
+    const float wr = alpha * w[r];
+    const float* src = lat + static_cast<int64_t>(ids[r]) * C;
+    for (int64_t c = 0; c < C; ++c) dst[c] += wr * src[c];
+  }
+#endif
+}
 
 }  // namespace
 
 // features (P, D) float32 contiguous; roi (P) bool or empty; P = batch * pixels_per_image.
+//
+// Vertex ids are first-touch ids: image by image, in the order of the first (pixel, corner) flat index that
+// touches a vertex (the CUDA kernel numbers them the same way). Three steps keep that order with parallel blocks:
+// each block of pixels numbers its keys locally in pixel order; the blocks' key lists are merged serially, in
+// block order, into the image's table (a key's global id is set by the first block that has it, and within
+// that block by its first pixel); then every entry is mapped from local to global id.
 std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int64_t batch) {
   TORCH_CHECK(features.device().is_cpu() && features.scalar_type() == torch::kFloat32 && features.is_contiguous(),
               "lattice build: features must be contiguous float32 on the CPU");
@@ -96,78 +444,114 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
   double scale[kMaxD];
   embed_scales(d, scale);
 
-  // 1. Embed each pixel and hash its D+1 corners into dense per-image ids, in pixel order (parallel over
-  //    images; the keys never leave the cache).
-  std::vector<KeyTable> tables;
-  tables.reserve(batch);
-  for (int64_t b = 0; b < batch; ++b) tables.emplace_back(d, n / 8 + 16);
-  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
-    int32_t keys[(kMaxD + 1) * kMaxD];
-    int32_t prev_keys[(kMaxD + 1) * kMaxD];
-    for (int64_t b = lo; b < hi; ++b) {
-      int64_t prev = -1;
-      for (int64_t p = b * n; p < (b + 1) * n; ++p) {
-        if (keep && !keep[p]) {
-          for (int r = 0; r < d1; ++r) {
-            vp[p * d1 + r] = -1;
-            bp[p * d1 + r] = 0.f;
+  // Blocks never straddle images. Their tables are kept between calls (reset, not reallocated).
+  const int64_t per_image = std::max<int64_t>(1, (n + kBlockPixels - 1) / kBlockPixels);
+  const int64_t nblocks = batch * per_image;
+  static std::vector<std::vector<int32_t>> local_to_global;
+  if (static_cast<int64_t>(local_to_global.size()) < nblocks) local_to_global.resize(nblocks);
+  auto block_range = [&](int64_t blk) {
+    const int64_t b = blk / per_image, j = blk % per_image;
+    const int64_t len = (n + per_image - 1) / per_image;
+    const int64_t p0 = b * n + std::min(n, j * len);
+    return std::make_pair(p0, b * n + std::min(n, (j + 1) * len));
+  };
+
+  // 1. Embed and number keys per block (parallel over blocks); 2. merge the block tables of each image in block
+  //    order (serial per image, parallel over images).
+  // 1. Embed and number keys per block (parallel over blocks); 2. merge the block tables of each image in block
+  //    order (serial per image, parallel over images); 3. local -> global ids (parallel over blocks);
+  //    4. neighbours along each of the D+1 axes (read-only lookups, parallel over vertices).
+  torch::Tensor nbr, per_image_count;
+  auto build_dim = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    static std::vector<KeyTable<D>> locals;  // one instance per D, kept between builds
+    if (static_cast<int64_t>(locals.size()) < nblocks) locals.resize(nblocks);
+    {
+      PhaseTimer t(kEmbedHash);
+      at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t blk = lo; blk < hi; ++blk) {
+          const auto [p0, p1] = block_range(blk);
+          locals[blk].reset(d, (p1 - p0) / 4 + 16);
+          embed_block<D>(f, keep, d, scale, p0, p1, locals[blk], vp, bp);
+        }
+      });
+    }
+    std::vector<KeyTable<D>> tables(batch);
+    {
+      PhaseTimer t(kMerge);
+      at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          int64_t expected = 16;
+          for (int64_t j = 0; j < per_image; ++j) expected += locals[b * per_image + j].size();
+          tables[b].reset(d, expected / 2);
+          for (int64_t j = 0; j < per_image; ++j) {
+            const KeyTable<D>& loc = locals[b * per_image + j];
+            std::vector<int32_t>& map = local_to_global[b * per_image + j];
+            map.resize(loc.size());
+            for (int64_t id = 0; id < loc.size(); ++id) map[id] = tables[b].insert(loc.key(id), key_hash(loc.key(id), d));
           }
-          continue;
         }
-        embed_point(f + p * d, d, scale, keys, bp + p * d1);
-        // Neighbouring pixels often fall in the same simplex: reuse its vertex ids without hashing.
-        if (prev >= 0 && std::memcmp(keys, prev_keys, sizeof(int32_t) * d1 * d) == 0) {
-          std::copy(vp + prev * d1, vp + prev * d1 + d1, vp + p * d1);
-        } else {
-          for (int r = 0; r < d1; ++r) vp[p * d1 + r] = tables[b].insert(keys + r * d);
-          std::copy(keys, keys + d1 * d, prev_keys);
+      });
+    }
+
+    std::vector<int64_t> voff(batch + 1, 0);
+    for (int64_t b = 0; b < batch; ++b) voff[b + 1] = voff[b] + tables[b].size();
+    const int64_t V = voff[batch];
+    TORCH_CHECK(V < (int64_t(1) << 31), "lattice build: too many lattice vertices (", V, ")");
+    per_image_count = torch::empty({batch}, torch::TensorOptions().dtype(torch::kInt64));
+    for (int64_t b = 0; b < batch; ++b) per_image_count.data_ptr<int64_t>()[b] = tables[b].size();
+
+    {
+      PhaseTimer t(kRemap);
+      at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t blk = lo; blk < hi; ++blk) {
+          const auto [p0, p1] = block_range(blk);
+          const int32_t off = static_cast<int32_t>(voff[blk / per_image]);
+          const int32_t* map = local_to_global[blk].data();
+          for (int64_t e = p0 * d1; e < p1 * d1; ++e) {
+            if (vp[e] >= 0) vp[e] = map[vp[e]] + off;
+          }
         }
-        prev = p;
-      }
+      });
     }
-  });
 
-  std::vector<int64_t> voff(batch + 1, 0);
-  for (int64_t b = 0; b < batch; ++b) voff[b + 1] = voff[b] + tables[b].size();
-  const int64_t V = voff[batch];
-  TORCH_CHECK(V < (int64_t(1) << 31), "lattice build: too many lattice vertices (", V, ")");
-  torch::Tensor per_image = torch::empty({batch}, torch::TensorOptions().dtype(torch::kInt64));
-  for (int64_t b = 0; b < batch; ++b) per_image.data_ptr<int64_t>()[b] = tables[b].size();
-
-  // 2. Local -> global vertex ids.
-  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const int32_t off = static_cast<int32_t>(voff[b]);
-      if (off == 0) continue;
-      for (int64_t e = b * n * d1; e < (b + 1) * n * d1; ++e) {
-        if (vp[e] >= 0) vp[e] += off;
-      }
-    }
-  });
-
-  // 3. Neighbours along each of the D+1 axes (read-only lookups, parallel over vertices).
-  torch::Tensor nbr = torch::empty({V, d1, 2}, i32);
-  int32_t* np = nbr.data_ptr<int32_t>();
-  at::parallel_for(0, V, 1024, [&](int64_t lo, int64_t hi) {
-    int32_t nk[kMaxD];
-    int64_t b = std::upper_bound(voff.begin(), voff.end(), lo) - voff.begin() - 1;
-    for (int64_t v = lo; v < hi; ++v) {
-      while (v >= voff[b + 1]) ++b;
-      const KeyTable& t = tables[b];
-      const int32_t* key = t.key(v - voff[b]);
-      for (int a = 0; a < d1; ++a) {
-        for (int dir = 0; dir < 2; ++dir) {
-          neighbour_key(key, d, a, dir, nk);
-          const int32_t id = t.find(nk);
-          np[(v * d1 + a) * 2 + dir] = id < 0 ? -1 : id + static_cast<int32_t>(voff[b]);
+    nbr = torch::empty({V, d1, 2}, i32);
+    int32_t* np = nbr.data_ptr<int32_t>();
+    PhaseTimer t(kNeighbours);
+    at::parallel_for(0, V, 1024, [&](int64_t lo, int64_t hi) {
+      int32_t nk[kMaxD];
+      int64_t b = std::upper_bound(voff.begin(), voff.end(), lo) - voff.begin() - 1;
+      for (int64_t v = lo; v < hi; ++v) {
+        while (v >= voff[b + 1]) ++b;
+        const KeyTable<D>& t = tables[b];
+        const int32_t* key = t.key(v - voff[b]);
+        for (int a = 0; a < d1; ++a) {
+          for (int dir = 0; dir < 2; ++dir) {
+            neighbour_key(key, d, a, dir, nk);
+            const int32_t id = t.find(nk, key_hash(nk, d));
+            np[(v * d1 + a) * 2 + dir] = id < 0 ? -1 : id + static_cast<int32_t>(voff[b]);
+          }
         }
       }
-    }
-  });
+    });
+  };
+  switch (d) {
+    case 2: build_dim(std::integral_constant<int, 2>()); break;
+    case 3: build_dim(std::integral_constant<int, 3>()); break;
+    case 5: build_dim(std::integral_constant<int, 5>()); break;
+    default: build_dim(std::integral_constant<int, 0>()); break;
+  }
 
   // The CPU filter scatters in pixel order and needs no splat CSR (the CUDA build makes one).
   torch::Tensor none = torch::empty({0}, torch::TensorOptions().dtype(torch::kInt64));
-  return {vtx, bary, nbr, none, none.to(torch::kInt32), per_image};
+  return {vtx, bary, nbr, none, none.to(torch::kInt32), per_image_count};
+}
+
+// Phase times (ms) of the last build and filter in this process: for scripts/profile_lattice.py.
+std::vector<std::pair<std::string, double>> profile() {
+  std::vector<std::pair<std::string, double>> out;
+  for (int i = 0; i < kPhases; ++i) out.emplace_back(kPhaseNames[i], g_phase_ms[i]);
+  return out;
 }
 
 // values (P, C) float32 -> alpha * S' B S values (transpose: blur axes in reverse order, the exact adjoint).
@@ -204,6 +588,7 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (threads + batch - 1) / batch));
   const int64_t width = (C + chunks - 1) / chunks;
   const int64_t per_image = (C + width - 1) / width;
+  std::optional<PhaseTimer> timer(kSplat);
   at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> acc;
     for (int64_t task = lo; task < hi; ++task) {
@@ -212,16 +597,13 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
       acc.assign(static_cast<size_t>(V) * cw, 0.f);
       int64_t vmin = V, vmax = -1;
       for (int64_t p = b * n; p < (b + 1) * n; ++p) {
-        const float* src = in + p * C + c0;
+        const int32_t* ids = vp + p * d1;
+        if (ids[0] < 0) continue;  // outside the roi: all corners are -1
         for (int r = 0; r < d1; ++r) {
-          const int32_t v = vp[p * d1 + r];
-          if (v < 0) break;  // outside the roi: all corners are -1
-          vmin = std::min<int64_t>(vmin, v);
-          vmax = std::max<int64_t>(vmax, v);
-          const float w = bp[p * d1 + r];
-          float* dst = acc.data() + static_cast<int64_t>(v) * cw;
-          for (int64_t c = 0; c < cw; ++c) dst[c] += w * src[c];
+          vmin = std::min<int64_t>(vmin, ids[r]);
+          vmax = std::max<int64_t>(vmax, ids[r]);
         }
+        splat_pixel(in + p * C + c0, cw, ids, bp + p * d1, d1, acc.data(), cw);
       }
       for (int64_t v = vmin; v <= vmax; ++v) {
         std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, a + v * C + c0);
@@ -229,10 +611,13 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
     }
   });
 
-  // Blur with [1/2, 1, 1/2] along each axis; absent neighbours hold 0.
+  // Blur with [1/2, 1, 1/2] along each axis; absent neighbours hold 0. A lattice of up to 2^20 values is blurred
+  // on the calling thread: D+1 thread wake-ups would cost more than the work (and far more on a busy machine).
+  timer.emplace(kBlur);
+  const int64_t blur_grain = V * C <= (int64_t(1) << 20) ? std::max<int64_t>(V, 1) : grain;
   for (int step = 0; step < d1; ++step) {
     const int ax = transpose ? d - step : step;
-    at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, V, blur_grain, [&](int64_t lo, int64_t hi) {
       for (int64_t v = lo; v < hi; ++v) {
         const int32_t n0 = np[(v * d1 + ax) * 2];
         const int32_t n1 = np[(v * d1 + ax) * 2 + 1];
@@ -254,22 +639,14 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   }
 
   // Slice with the same barycentric weights.
+  timer.emplace(kSlice);
   torch::Tensor out = torch::empty({P, C}, values.options());
   float* op = out.data_ptr<float>();
   const float alpha = lattice_alpha(d);
   at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      float* dst = op + p * C;
-      std::fill(dst, dst + C, 0.f);
-      for (int r = 0; r < d1; ++r) {
-        const int32_t v = vp[p * d1 + r];
-        if (v < 0) continue;
-        const float w = alpha * bp[p * d1 + r];
-        const float* src = a + static_cast<int64_t>(v) * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
-      }
-    }
+    for (int64_t p = lo; p < hi; ++p) slice_pixel(op + p * C, C, vp + p * d1, bp + p * d1, d1, alpha, a);
   });
+  timer.reset();
   return out;
 }
 
@@ -279,4 +656,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nclib permutohedral lattice, CPU kernel";
   m.def("build", &nclib::build, "Build the lattice for a batch of (P, D) features");
   m.def("filter", &nclib::filter, "Splat, blur and slice (P, C) values; transpose=True applies the adjoint");
+  m.def("profile", &nclib::profile, "Wall-clock ms of each phase of the last build and filter in this process");
 }

@@ -1,0 +1,86 @@
+"""The CPU lattice kernel of another git revision (default ``main``), built beside ours for same-run comparisons.
+
+``NCLIB_BASELINE_REF`` names the revision (any ``git rev-parse`` name). Its ``nclib/csrc`` sources are taken with
+``git show`` (no worktree, nothing checked out) into ``$NCLIB_BUILD_DIR/baseline-<sha>`` and JIT-built with the
+flags of our own kernel, so the comparison is of the sources alone.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from nclib import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def baseline_ref() -> str:
+    return os.environ.get("NCLIB_BASELINE_REF", "main")
+
+
+def load_baseline():
+    """(module with build/filter, short sha) of the baseline revision's CPU kernel."""
+    from torch.utils.cpp_extension import load
+
+    ref = baseline_ref()
+    sha = subprocess.check_output(["git", "rev-parse", "--short=10", ref], cwd=ROOT, text=True).strip()
+    names = subprocess.check_output(["git", "ls-tree", "--name-only", sha, "nclib/csrc/"], cwd=ROOT, text=True).split()
+    src = _ext.build_root() / f"baseline-{sha}"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name.endswith((".h", "lattice_cpu.cpp")):
+            text = subprocess.check_output(["git", "show", f"{sha}:{name}"], cwd=ROOT)
+            dst = src / Path(name).name
+            if not dst.exists() or dst.read_bytes() != text:
+                dst.write_bytes(text)
+    _ext._check_toolchain(False)
+    module = load(
+        name=f"nclib_lattice_cpu_baseline_{sha}",
+        sources=[str(src / "lattice_cpu.cpp")],
+        extra_cflags=_ext.cxx_flags("cpu"),
+        extra_include_paths=[str(src)],
+        build_directory=str(src),
+    )
+    return module, sha
+
+
+class using_kernel:
+    """Context in which ``nclib.lattice`` builds its CPU lattices with ``module`` (e.g. the baseline kernel).
+
+    The Python side (checks, layouts) stays this checkout's, so a timing inside compares the kernels alone.
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.saved = _ext.load("cpu")
+        _ext._loaded["cpu"] = self.module  # the loader's cache: what Permutohedral picks up
+        return self.module
+
+    def __exit__(self, *exc):
+        _ext._loaded["cpu"] = self.saved
+
+
+def paired_median_ms(ours, theirs, runs: int, baseline, clock=None) -> tuple[float, float]:
+    """Median ms of ``ours()`` and of ``theirs()`` (run under the baseline kernel), calls alternating so that the
+    noise of a shared machine falls on both alike; one warm-up call each. ``clock``: default wall time
+    (time.perf_counter); time.process_time gives this process's CPU time, which other processes disturb less."""
+    import statistics
+    import time
+
+    clock = clock or time.perf_counter
+    a, b = [], []
+    ours()
+    with using_kernel(baseline):
+        theirs()
+    for _ in range(runs):
+        t0 = clock()
+        ours()
+        a.append((clock() - t0) * 1e3)
+        with using_kernel(baseline):
+            t0 = clock()
+            theirs()
+            b.append((clock() - t0) * 1e3)
+    return statistics.median(a), statistics.median(b)
