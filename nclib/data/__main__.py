@@ -9,6 +9,28 @@ from pathlib import Path
 from typing import List, Optional
 
 
+def _proposals(args: argparse.Namespace) -> None:
+    import time
+
+    import yaml
+
+    from .proposal_masks import write_proposal_masks
+
+    params = {}
+    for item in args.param:  # values read as YAML: numbers, booleans, strings
+        if "=" not in item:
+            raise ValueError(f"--param must be KEY=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        params[key] = yaml.safe_load(val)
+    t0 = time.perf_counter()
+    out = write_proposal_masks(args.root, args.method, split=args.split, out=args.out, params=params,
+                               unsure_ignore=args.unsure_ignore, band=args.band, limit=args.limit,
+                               progress=not args.no_progress)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"{meta['images']} proposals at {out} ({time.perf_counter() - t0:.1f} s); labelled fraction "
+          f"{meta['labelled_fraction']:.3f}, {meta['no_scribble_images']} images without scribbles")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nclib.data", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -55,25 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             meta = json.loads((root / "meta.json").read_text())
             print(json.dumps(meta["stats"], indent=1))
         elif args.cmd == "proposals":
-            import time
-
-            import yaml
-
-            from .proposal_masks import write_proposal_masks
-
-            params = {}
-            for item in args.param:
-                if "=" not in item:
-                    raise ValueError(f"--param must be KEY=VALUE, got {item!r}")
-                key, val = item.split("=", 1)
-                params[key] = yaml.safe_load(val)
-            t0 = time.perf_counter()
-            out = write_proposal_masks(args.root, args.method, split=args.split, out=args.out, params=params,
-                                       unsure_ignore=args.unsure_ignore, band=args.band, limit=args.limit,
-                                       progress=not args.no_progress)
-            meta = json.loads((out / "meta.json").read_text())
-            print(f"{meta['images']} proposals at {out} ({time.perf_counter() - t0:.1f} s); labelled fraction "
-                  f"{meta['labelled_fraction']:.3f}, {meta['no_scribble_images']} images without scribbles")
+            _proposals(args)
         else:
             from . import prepare
 

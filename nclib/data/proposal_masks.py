@@ -108,6 +108,28 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _finished(out: Path, meta: Dict[str, Any]) -> bool:
+    """True if ``out`` is a finished set made with ``meta``'s settings; an error if it holds anything else."""
+    if (out / "meta.json").is_file():
+        done = json.loads((out / "meta.json").read_text())
+        if any(done.get(k) != v for k, v in meta.items()):
+            raise ValueError(f"{out} holds proposals made with other settings ({out / 'meta.json'}); remove it or "
+                             f"pass another --out")
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a finished proposal set (no meta.json); remove it or pass --out")
+    return False
+
+
+def _read_scribble(path: Path, num_classes: int) -> np.ndarray:
+    scribble = read_label(path)
+    bad = (scribble != IGNORE_LABEL) & (scribble >= num_classes)
+    if bad.any():
+        raise ValueError(f"scribble {path} has labels {sorted(np.unique(scribble[bad]).tolist())[:8]} "
+                         f"outside [0, {num_classes})")
+    return scribble
+
+
 def write_proposal_masks(
     root, method: str, split: str = "train", out=None, unsure_ignore: bool = False, band: int = 3,
     scribble_dir: str = "pascal_2012_scribble", params: Optional[Dict[str, Any]] = None,
@@ -141,14 +163,8 @@ def write_proposal_masks(
     meta: Dict[str, Any] = {"method": method, "split": split, "params": used, "scribble_dir": scribble_dir,
                             "unsure_ignore": bool(unsure_ignore), "band": band if unsure_ignore else None,
                             "images": len(ids)}
-    if (out / "meta.json").is_file():
-        done = json.loads((out / "meta.json").read_text())
-        if any(done.get(k) != v for k, v in meta.items()):
-            raise ValueError(f"{out} holds proposals made with other settings ({out / 'meta.json'}); remove it or "
-                             f"pass another --out")
+    if _finished(out, meta):
         return out
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not a finished proposal set (no meta.json); remove it or pass --out")
     partial = out.with_name(f".{out.name}.partial")
     partial.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
@@ -159,11 +175,7 @@ def write_proposal_masks(
     empty = []
     for iid in tqdm(ids, desc=f"{method} proposals", unit="image", disable=not progress):
         spath = root / scribble_dir / f"{iid}.png"
-        scribble = read_label(spath)
-        bad = (scribble != IGNORE_LABEL) & (scribble >= ds.num_classes)
-        if bad.any():
-            raise ValueError(f"scribble {spath} has labels {sorted(np.unique(scribble[bad]).tolist())[:8]} "
-                             f"outside [0, {ds.num_classes})")
+        scribble = _read_scribble(spath, ds.num_classes)
         target = partial / f"{iid}.png"
         if target.is_file():  # resumed: written by an earlier, interrupted run
             mask = read_label(target)
