@@ -23,6 +23,10 @@ YAML_HASHES = {
     "voc_resnet101_full": "83da8ef6", "voc_resnet101_pce_more": "23c01e18", "voc_vgg16_full": "7ff2862c",
     "voc_vgg16_nc": "2480500b", "voc_vgg16_pce": "fbcc6b1c", "voc_vgg16_pce_more": "aa333733",
     "msra10k_kmeans": "8cfd5dbb", "msra10k_nc": "a60a2e33", "msra10k_saliency": "b6c9f41e",
+    # Table 2: networks trained on proposal masks (2026-11-30)
+    "default_proposal_grabcut": "8bb8ea08", "default_proposal_grabcut_ignore": "742c0fb0",
+    "default_proposal_nc": "ad18035a", "default_proposal_nc_ignore": "e4476dd8",
+    "default_proposal_kernelcut": "86679dde", "default_proposal_kernelcut_ignore": "8d8449e2",
 }
 
 

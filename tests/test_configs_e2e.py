@@ -5,7 +5,8 @@ Each config runs through :func:`nclib.train.run` (the notebooks' path) on a tiny
 a synthetic torchvision-format state dict (right keys and shapes, He-scaled random values; nothing is downloaded).
 Only what a tiny CPU run needs is overridden: data root, 2 iterations, a 41 px crop, batch 2, CPU, one thread, and
 for a stage-2 config the ``init_checkpoint`` of the stage-1 config it names (trained first, in the same results
-root). A new config file is a new test case.
+root); a config trained on proposals gets its mask folder made by ``python -m nclib.data proposals``. A new config
+file is a new test case.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def test_config_sets_are_complete():
         assert {f"{prefix}_{s}" for s in ("full", "pce", "pce_more", "nc")} <= names, prefix
     for prefix in ("default_salient", "msra10k"):
         assert {f"{prefix}_{s}" for s in ("saliency", "kmeans", "nc")} <= names, prefix
+    # Table 2: a network trained on each kind of proposal, with and without the unsure region ignored
+    assert {f"default_proposal_{m}{v}" for m in ("grabcut", "nc", "kernelcut") for v in ("", "_ignore")} <= names
 
 
 # ------------------------------------------------------------------------------------------------ fixture data
@@ -163,10 +166,24 @@ def tiny(cfg: Config, world: _World) -> Config:
               amp=False, threads=1, num_workers=0)
     if cfg.pretrained:
         kw["pretrained"] = str(world.weights(_backbone(cfg.model)))
+    if cfg.supervision == "proposal":
+        _make_proposals(world.roots["scribble"], cfg.proposal_dir)
     if cfg.init_checkpoint:
         stage1 = run(tiny(_config_named(_stage1_name(cfg)), world), progress=False)
         kw["init_checkpoint"] = stage1["checkpoint"]  # relative to the results root, as the notebooks pass it
     return cfg.replace(**kw)
+
+
+def _make_proposals(root: Path, folder: str) -> None:
+    """``root/folder`` (``Proposals_<method>[_ignore]``) made by the command, as a user would (once per folder)."""
+    from nclib.data.__main__ import main as data_main
+
+    if not (root / folder).is_dir():
+        method = folder.split("_")[1]
+        extra = ["--unsure-ignore"] if folder.endswith("_ignore") else []
+        assert data_main(["proposals", "--method", method, "--root", str(root), "--out", str(root / folder),
+                          "--no-progress"] + extra) == 0
+    assert len(list((root / folder).glob("*.png"))) == len(TRAIN_IDS)
 
 
 def _finite(x) -> bool:

@@ -285,3 +285,58 @@ def test_amp_on_gpu_keeps_losses_float32(tiny_root, tmp_path):
 def test_amp_needs_cuda():
     with pytest.raises(ValueError, match="amp needs a CUDA device"):
         Config.from_dict({"amp": True, "device": "cpu"})
+
+
+# ---- supervision from proposal masks (Table 2) ------------------------------------------------------------------
+def _proposal_set(root, name, fill=None):
+    """``root/name``: the training masks copied (fill None) or constant ``fill`` masks, as proposals."""
+    (root / name).mkdir(exist_ok=True)
+    for iid in (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split():
+        gt = np.asarray(Image.open(root / "SegmentationClassAug" / f"{iid}.png"))
+        Image.fromarray(gt if fill is None else np.full_like(gt, fill)).save(root / name / f"{iid}.png")
+    return name
+
+
+def _val_fraction_of_class_1(model, root):
+    fr = []
+    for iid in (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split():
+        img = np.asarray(Image.open(root / "JPEGImages" / f"{iid}.jpg").convert("RGB"))
+        with torch.no_grad():
+            pred = model(torch.from_numpy(img.transpose(2, 0, 1).copy()).float()[None]).argmax(1)
+        fr.append(float((pred == 1).float().mean()))
+    return float(np.mean(fr))
+
+
+def test_proposal_supervision_trains_on_the_proposal_masks(tiny_root, tmp_path):
+    from nclib.train import load_model
+
+    base = dict(nc_weight=0.0, iterations=2, lr=0.05)
+    full = train(tiny_cfg(tiny_root, supervision="full", **base), tmp_path / "full", progress=False)
+    # a proposal equal to the ground truth: exactly the fully supervised run
+    same = tiny_cfg(tiny_root, supervision="proposal", proposal_dir=_proposal_set(tiny_root, "Proposals_gt"), **base)
+    assert config_hash(same) != config_hash(same.replace(proposal_dir="Proposals_other"))
+    train(same, tmp_path / "same", progress=False)
+    assert_same_weights(weights(tmp_path / "full" / "model.pt"), weights(tmp_path / "same" / "model.pt"))
+    # a proposal of class 1 everywhere (the ground truth is ~half background): the prediction goes to class 1
+    ones = tiny_cfg(tiny_root, supervision="proposal", proposal_dir=_proposal_set(tiny_root, "Proposals_ones", 1), **base)
+    res = train(ones, tmp_path / "ones", progress=False)
+    assert res["history"]["train"] != full["history"]["train"]
+    frac_ones = _val_fraction_of_class_1(load_model(tmp_path / "ones" / "model.pt")[0], tiny_root)
+    frac_full = _val_fraction_of_class_1(load_model(tmp_path / "full" / "model.pt")[0], tiny_root)
+    assert frac_ones == 1.0 and frac_full < 0.9
+
+
+def test_proposal_config_and_missing_folder_are_named(tiny_root, tmp_path):
+    with pytest.raises(ValueError, match="supervision 'proposal' and proposal_dir go together"):
+        Config.from_dict({"supervision": "proposal"})
+    with pytest.raises(ValueError, match="supervision 'proposal' and proposal_dir go together"):
+        Config.from_dict({"proposal_dir": "Proposals_nc"})
+    for bad in ("../Proposals_nc", "a/b", "", 3):
+        with pytest.raises(ValueError, match="proposal_dir must be a plain folder name"):
+            Config.from_dict({"supervision": "proposal", "proposal_dir": bad})
+    with pytest.raises(ValueError, match="supervision 'proposal' needs dataset 'scribble'"):
+        Config.from_dict({"supervision": "proposal", "proposal_dir": "P", "dataset": "folder"})
+    cfg = tiny_cfg(tiny_root, supervision="proposal", proposal_dir="Proposals_kernelcut_ignore", nc_weight=0.0)
+    with pytest.raises(ValueError, match=r"proposal folder not found: .*Proposals_kernelcut_ignore\. Make it with "
+                                         r"`python -m nclib.data proposals --method kernelcut --root .* --unsure-ignore"):
+        train(cfg, tmp_path / "out", progress=False)

@@ -11,6 +11,7 @@ Label conventions: ``IGNORE_LABEL`` = 255 (unlabelled scribble pixel / void mask
 """
 from .datasets import IGNORE_LABEL, VOC_CLASS_NAMES, MaskFolderDataset, VOCScribbleDataset, read_image, read_label
 from .default import DEFAULT_CLASS_NAMES, default_root, ensure_default, make_default
+from .proposal_masks import PROPOSAL_METHODS, proposal_folder, write_proposal_masks
 from .scribbles import labelled_fraction, synthesize_scribbles
 from .transforms import MEAN_RGB, PAD_LABEL, EvalTransform, TrainTransform, pad_sample, roi_of
 
@@ -35,6 +36,9 @@ __all__ = [
     "labelled_fraction",
     "read_image",
     "read_label",
+    "PROPOSAL_METHODS",
+    "proposal_folder",
+    "write_proposal_masks",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m nclib.data make-default`` and ``python -m nclib.data prepare {voc,msra10k}``."""
+"""Command line: ``python -m nclib.data make-default``, ``python -m nclib.data prepare {voc,msra10k}`` and
+``python -m nclib.data proposals --method {grabcut,nc,kernelcut} --root <VOC-layout root>`` (Table 2's mask sets)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,28 @@ import json
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+
+def _proposals(args: argparse.Namespace) -> None:
+    import time
+
+    import yaml
+
+    from .proposal_masks import write_proposal_masks
+
+    params = {}
+    for item in args.param:  # values read as YAML: numbers, booleans, strings
+        if "=" not in item:
+            raise ValueError(f"--param must be KEY=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        params[key] = yaml.safe_load(val)
+    t0 = time.perf_counter()
+    out = write_proposal_masks(args.root, args.method, split=args.split, out=args.out, params=params,
+                               unsure_ignore=args.unsure_ignore, band=args.band, limit=args.limit,
+                               progress=not args.no_progress)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"{meta['images']} proposals at {out} ({time.perf_counter() - t0:.1f} s); labelled fraction "
+          f"{meta['labelled_fraction']:.3f}, {meta['no_scribble_images']} images without scribbles")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -24,6 +47,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--scribbles", choices=["png", "xml"], default="png",
                     help="voc only: rloss's rasterized PNGs (default) or ScribbleSup's XML polylines rasterized here")
+    pp = sub.add_parser("proposals", help="proposal masks of a training split from its scribbles (Table 2)")
+    pp.add_argument("--method", required=True, help="grabcut | nc | kernelcut")
+    pp.add_argument("--root", type=Path, required=True, help="VOC-layout data root, e.g. data/default/scribble")
+    pp.add_argument("--split", default="train", help="split list under ImageSets/Segmentation (default train)")
+    pp.add_argument("--out", type=Path, default=None, help="target folder (default <root>/Proposals_<method>[_ignore])")
+    pp.add_argument("--unsure-ignore", action="store_true",
+                    help="label 255 a band of --band pixels around proposal boundaries (the ignore-region variant)")
+    pp.add_argument("--band", type=int, default=3, help="half-width in pixels of the unsure band (default 3)")
+    pp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a parameter of the method (repeatable), e.g. sigma_xy=30 for 112 px images")
+    pp.add_argument("--limit", type=int, default=None, help="only the first N images of the split (timing)")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "make-default":
@@ -41,6 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"default data set at {root}")
             meta = json.loads((root / "meta.json").read_text())
             print(json.dumps(meta["stats"], indent=1))
+        elif args.cmd == "proposals":
+            _proposals(args)
         else:
             from . import prepare
 

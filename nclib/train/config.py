@@ -47,7 +47,8 @@ class Config:
     root: Optional[str] = None                     # None: the embedded default (generated on first use)
     train_split: str = "train"
     val_split: str = "val"
-    supervision: str = "scribble"                  # CE target: "scribble" (pCE) | "full" (masks) | "none"
+    supervision: str = "scribble"                  # CE target: "scribble" (pCE) | "full" (masks) | "proposal" | "none"
+    proposal_dir: Optional[str] = None             # supervision "proposal": mask folder under root (Proposals_grabcut)
     crop: int = 321
     scale_range: Tuple[float, float] = (0.5, 2.0)
     flip: bool = True
@@ -231,6 +232,12 @@ def _name(key: str, v: Any) -> None:
                          f"or '..'), got {v!r}")
 
 
+def _proposal_dir(key: str, v: Any) -> None:
+    """A folder directly under the data root (``Proposals_<method>``): a plain name, never a path."""
+    if v is not None:
+        _name(key, v)
+
+
 def _model(key: str, v: Any) -> None:
     from ..models import MODELS
 
@@ -289,7 +296,8 @@ _RULES: Dict[str, Callable[[str, Any], None]] = {
     "name": _name, "model": _model, "model_args": _str_keyed_dict, "pretrained": _pretrained,
     "init_checkpoint": _text(optional=True),
     "dataset": _choice("scribble", "folder"), "root": _text(optional=True), "train_split": _text(),
-    "val_split": _text(), "supervision": _choice("scribble", "full", "none"), "crop": _int(1),
+    "val_split": _text(), "supervision": _choice("scribble", "full", "proposal", "none"),
+    "proposal_dir": _proposal_dir, "crop": _int(1),
     "scale_range": _scales(2), "flip": _bool,
     "ce_weight": _float(0), "nc_weight": _float(0), "nel_weight": _float(0), "nc_present_only": _bool,
     "kmeans_weight": _float(0), "sigma_rgb": _float(0, lo_open=True), "sigma_xy": _float(0, lo_open=True),
@@ -307,7 +315,13 @@ _RULES: Dict[str, Callable[[str, Any], None]] = {
 
 def _check_combinations(cfg: Config) -> None:
     if cfg.ce_weight > 0 and cfg.supervision == "none":
-        raise ValueError("ce_weight > 0 needs supervision 'scribble' or 'full' (got 'none')")
+        raise ValueError("ce_weight > 0 needs supervision 'scribble', 'full' or 'proposal' (got 'none')")
+    if (cfg.supervision == "proposal") != (cfg.proposal_dir is not None):
+        raise ValueError("supervision 'proposal' and proposal_dir go together (proposal_dir names the mask folder "
+                         f"under root, e.g. Proposals_grabcut); got supervision {cfg.supervision!r}, proposal_dir "
+                         f"{cfg.proposal_dir!r}")
+    if cfg.supervision == "proposal" and cfg.dataset != "scribble":
+        raise ValueError("supervision 'proposal' needs dataset 'scribble' (proposals are made from scribbles)")
     if cfg.nc_present_only and cfg.supervision != "scribble":
         raise ValueError("nc_present_only needs scribbles (supervision 'scribble')")
     if cfg.nel_weight > 0 and cfg.dataset != "scribble":

@@ -83,7 +83,8 @@ def batch_targets(batch: Dict[str, Any], cfg: Config, device: torch.device):
     scrib = batch.get("scribble")
     scrib = None if scrib is None else scrib.to(device, non_blocking=True).long().masked_fill(~roi, IGNORE_LABEL)
     mask = mask.masked_fill(~roi, IGNORE_LABEL)
-    target = {"scribble": scrib, "full": mask, "none": None}[cfg.supervision]
+    # "proposal": the training set's masks are the proposal folder (build_datasets), so the target is the mask
+    target = {"scribble": scrib, "full": mask, "proposal": mask, "none": None}[cfg.supervision]
     if cfg.supervision == "scribble" and scrib is None:
         raise ValueError("supervision 'scribble' needs a dataset with scribbles (dataset 'scribble')")
     return images, target, scrib, roi

@@ -28,7 +28,8 @@ def build_datasets(cfg: Config):
     train_tf = D.TrainTransform(crop=cfg.crop, scale=tuple(cfg.scale_range), flip=cfg.flip)
     if cfg.dataset == "scribble":
         root = Path(cfg.root) if cfg.root else D.ensure_default() / "scribble"
-        train = D.VOCScribbleDataset(root, cfg.train_split, transform=train_tf)
+        mask_dir = _proposal_masks(cfg, root) if cfg.supervision == "proposal" else "SegmentationClassAug"
+        train = D.VOCScribbleDataset(root, cfg.train_split, transform=train_tf, mask_dir=mask_dir)
         val = D.VOCScribbleDataset(root, cfg.val_split, transform=D.EvalTransform())
     else:
         root = Path(cfg.root) if cfg.root else D.ensure_default() / "salient"
@@ -36,6 +37,19 @@ def build_datasets(cfg: Config):
         train = D.MaskFolderDataset(root, cfg.train_split, transform=train_tf, scribbles=scrib)
         val = D.MaskFolderDataset(root, cfg.val_split, transform=D.EvalTransform(), scribbles="none")
     return train, val, int(train.num_classes)
+
+
+def _proposal_masks(cfg: Config, root: Path) -> str:
+    """The proposal folder as the training split's masks (validation stays on the ground truth); a missing one is an
+    error naming the command that makes it."""
+    folder = root / cfg.proposal_dir
+    if not folder.is_dir():
+        name = cfg.proposal_dir
+        method = name.split("_")[1] if name.startswith("Proposals_") else "<grabcut|nc|kernelcut>"
+        extra = " --unsure-ignore" if name.endswith("_ignore") else ""
+        raise ValueError(f"proposal folder not found: {folder}. Make it with `python -m nclib.data proposals --method "
+                         f"{method} --root {root} --split {cfg.train_split}{extra} --out {folder}`")
+    return cfg.proposal_dir
 
 
 class SeededDataset(torch.utils.data.Dataset):
