@@ -40,9 +40,10 @@ figures: setup data
 	done
 	@echo "figures written to figures/"
 
+# BASELINE=<path of another checkout, e.g. a git worktree of the previous main>: same-run ratios for the losses.
 bench: setup
 	$(BIN)/python scripts/bench_lattice.py
-	$(BIN)/python scripts/bench_losses.py
+	$(BIN)/python scripts/bench_losses.py $(if $(BASELINE),--baseline $(BASELINE))
 	$(BIN)/python scripts/bench_train.py
 
 # Static checks (pyflakes, import order, complexity <= 15, bugbear): configured in pyproject.toml [tool.ruff].

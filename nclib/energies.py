@@ -33,7 +33,7 @@ from ._checks import (
     check_roi,
     check_tensor,
 )
-from .lattice import Permutohedral, exact_gaussian_filter, rgbxy_features
+from .lattice import Permutohedral, exact_gaussian_filter, from_pixel_major, rgbxy_features, to_pixel_major
 
 __all__ = [
     "Filter",
@@ -145,25 +145,6 @@ def _with_present(s: torch.Tensor, present: Optional[torch.Tensor], nc: Callable
     return torch.where(active, value, torch.zeros_like(value))
 
 
-def _to_pixel_major(s: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) -> contiguous float32 (B, H*W, K), image by image: a 2-D transpose copy is a blocked kernel in
-    torch, several times faster than the generic strided copy of ``permute(0, 2, 3, 1).contiguous()``."""
-    b, k, h, w = s.shape
-    out = torch.empty(b, h * w, k, dtype=torch.float32, device=s.device)
-    for i in range(b):
-        out[i].copy_(s[i].reshape(k, h * w).t())
-    return out
-
-
-def _from_pixel_major(x: torch.Tensor, shape) -> torch.Tensor:
-    """(B, N, K) -> contiguous (B, K, H, W), image by image (see :func:`_to_pixel_major`)."""
-    b, k, h, w = shape
-    out = torch.empty(b, k, h * w, dtype=x.dtype, device=x.device)
-    for i in range(b):
-        out[i].copy_(x[i].t())
-    return out.view(b, k, h, w)
-
-
 class _LatticeNC(torch.autograd.Function):
     """NC of Eq. 6 on a lattice ``L`` and its Eq. 8 backward with ``W = (L + L') / 2``, in pixel-major layout.
 
@@ -177,13 +158,18 @@ class _LatticeNC(torch.autograd.Function):
     def forward(ctx, s: torch.Tensor, lattice: Permutohedral) -> torch.Tensor:
         b, k, h, w = s.shape
         n = h * w
-        sp = _to_pixel_major(s.detach())
-        ws = lattice.apply_pixel_major(sp.view(b * n, k)).view(b, n, k)
+        sp = to_pixel_major(s.detach()).view(b, n, k)  # a 2-D transpose per image
+        wts = None
+        if ctx.needs_input_grad[0]:
+            ws, wts = lattice.apply_both_pixel_major(sp.view(b * n, k))  # L S and L'S from one splat
+        else:
+            ws = lattice.apply_pixel_major(sp.view(b * n, k))
+        ws = ws.view(b, n, k)
         d = lattice.norm().reshape(b, n, 1)  # a view: the norm is stored pixel-major
         vol = torch.bmm(d.transpose(1, 2), sp)[:, 0]  # (B, K)
         assoc = torch.bmm(sp.transpose(1, 2), ws).diagonal(dim1=1, dim2=2)  # (B, K): S_k' L S_k = S_k' W S_k
-        if ctx.needs_input_grad[0]:
-            ws.add_(lattice.apply_pixel_major(sp.view(b * n, k), transpose=True).view(b, n, k))  # 2 W S
+        if wts is not None:
+            ws.add_(wts.view(b, n, k))  # 2 W S
         ctx.save_for_backward(ws, d, vol, assoc)
         ctx.shape, ctx.dtype = (b, k, h, w), s.dtype
         return _ratio_sum(vol - assoc, vol).to(s.dtype)
@@ -197,7 +183,7 @@ class _LatticeNC(torch.autograd.Function):
         zero = torch.zeros_like(vol)
         a = torch.where(vol > 0, go * assoc / safe.square(), zero)  # (B, K): coefficient of d
         c = torch.where(vol > 0, -go / safe, zero)  # (B, K): coefficient of 2 W S_k
-        grad = _from_pixel_major(ws2, ctx.shape).view(b, k, h * w)
+        grad = from_pixel_major(ws2, ctx.shape).view(b, k, h * w)
         grad.mul_(c[:, :, None]).addcmul_(a[:, :, None], d.view(b, 1, h * w))  # Eq. 8
         return grad.view(b, k, h, w).to(ctx.dtype), None
 
