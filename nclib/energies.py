@@ -148,10 +148,11 @@ def _with_present(s: torch.Tensor, present: Optional[torch.Tensor], nc: Callable
 class _LatticeNC(torch.autograd.Function):
     """NC of Eq. 6 on a lattice ``L`` and its Eq. 8 backward with ``W = (L + L') / 2``, in pixel-major layout.
 
-    Forward: one transpose of S to (B, N, K), ``L S`` and (when a gradient is needed) ``L' S``; the value is that
-    of ``L`` (``S'WS = S'LS``) whether or not a gradient is needed; per class ``vol = d'S`` and ``assoc = S'WS`` as the diagonal of a small
-    (K, K) matrix product (no (B, K, H, W) temporaries). Saved for the backward: ``2 W S`` (B, N, K), ``d``, vol
-    and assoc, so the backward runs no filter and builds no graph: two elementwise passes and one transpose.
+    Forward: one transpose of S to (B, N, K), ``2 W S = (L + L') S`` (one splat on the CPU build), then per class
+    ``vol = d'S`` and ``assoc = S'WS = S'LS`` as diagonals of small matrix products (no (B, K, H, W)
+    temporaries). Saved for the backward: ``2 W S``, ``d``, vol and assoc, so the backward runs no filter and
+    builds no graph: one transpose and two elementwise passes. The same computation with or without a gradient,
+    so both give the same value.
     """
 
     @staticmethod
@@ -159,17 +160,10 @@ class _LatticeNC(torch.autograd.Function):
         b, k, h, w = s.shape
         n = h * w
         sp = to_pixel_major(s.detach()).view(b, n, k)  # a 2-D transpose per image
-        wts = None
-        if ctx.needs_input_grad[0]:
-            ws, wts = lattice.apply_both_pixel_major(sp.view(b * n, k))  # L S and L'S from one splat
-        else:
-            ws = lattice.apply_pixel_major(sp.view(b * n, k))
-        ws = ws.view(b, n, k)
+        ws = lattice.apply_symmetric_pixel_major(sp.view(b * n, k)).view(b, n, k)  # 2 W S = (L + L') S
         d = lattice.norm().reshape(b, n, 1)  # a view: the norm is stored pixel-major
         vol = torch.bmm(d.transpose(1, 2), sp)[:, 0]  # (B, K)
-        assoc = torch.bmm(sp.transpose(1, 2), ws).diagonal(dim1=1, dim2=2)  # (B, K): S_k' L S_k = S_k' W S_k
-        if wts is not None:
-            ws.add_(wts.view(b, n, k))  # 2 W S
+        assoc = torch.bmm(sp.transpose(1, 2), ws).diagonal(dim1=1, dim2=2) * 0.5  # (B, K): S_k'W S_k = S_k'L S_k
         ctx.save_for_backward(ws, d, vol, assoc)
         ctx.shape, ctx.dtype = (b, k, h, w), s.dtype
         return _ratio_sum(vol - assoc, vol).to(s.dtype)
@@ -195,7 +189,8 @@ def normalized_cut_lattice(
 
     Same value (to float rounding) and the same gradient as autograd through the lattice, i.e. Eq. 8 with the
     symmetric part ``(L + L') / 2`` of the lattice operator, computed in closed form: the forward filters S once
-    in each direction (only ``L S`` without a gradient), the backward is elementwise. ``s`` (B, K, H, W) matches
+    with ``L + L'`` (:meth:`nclib.lattice.Permutohedral.apply_symmetric_pixel_major`), the backward is
+    elementwise. ``s`` (B, K, H, W) matches
     the lattice's batch and size; pixels outside the lattice's roi must be 0 in ``s``. ``present``: as in
     :func:`normalized_cut`.
     """

@@ -212,22 +212,22 @@ class Permutohedral:
             )
         return self._apply(values.contiguous(), transpose)
 
-    def apply_both_pixel_major(self, values: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
-        """``(L v, L' v)`` on pixel-major (B*H*W, C) float32 values, no autograd: both directions from one splat
-        on the ``"cpu"`` build (the splat and the slice's reads are shared), two filter calls elsewhere."""
+    def apply_symmetric_pixel_major(self, values: torch.Tensor) -> torch.Tensor:
+        """``(L + L') v``, twice the symmetric part of the operator, on pixel-major (B*H*W, C) float32 values, no
+        autograd: one splat, two blurs (one per axis order) and one slice on the ``"cpu"`` build, two filter
+        calls elsewhere."""
         pixels = self.state.vertex_ids.shape[0]
         if values.dim() != 2 or values.shape[0] != pixels or values.dtype != torch.float32:
             raise ValueError(
                 f"values must be float32 (B*H*W, C) = ({pixels}, C), got {values.dtype} {tuple(values.shape)}"
             )
+        values = values.contiguous()
         if self.kind == "cpu":
             _ext.load("cpu")  # registers torch.ops.nclib_both
             s = self.state
-            out, out_t = torch.ops.nclib_both.filter_both(
-                values.contiguous(), s.vertex_ids, s.barycentric, s.neighbors, int(self.shape[0])
-            )
-            return out, out_t
-        return self._apply(values.contiguous(), False), self._apply(values.contiguous(), True)
+            return torch.ops.nclib_both.filter_sym(values, s.vertex_ids, s.barycentric, s.neighbors,
+                                                   int(self.shape[0]))
+        return self._apply(values, False).add_(self._apply(values, True))
 
     def _apply(self, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:
         return _ext.apply_lattice(self.kind, self.state, values_pm, transpose)

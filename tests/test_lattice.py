@@ -293,16 +293,15 @@ def test_bad_input_is_a_clear_value_error(astro, call, match):
         call(f, v)
 
 
-def test_both_directions_from_one_splat_equal_two_filter_calls(astro):
-    """``apply_both_pixel_major`` (the fused CPU kernel; two calls on other builds) gives L v and L' v exactly
-    as the standard filter computes them, with a roi and a batch."""
+def test_symmetric_filter_from_one_splat_equals_two_filter_calls(astro):
+    """``apply_symmetric_pixel_major`` (the fused CPU kernel; two calls on other builds) is ``L v + L' v`` as the
+    standard filter computes them (to float rounding: one slice of the summed blurs), with a roi and a batch."""
     img = torch.cat([astro, astro.flip(-1)])
     roi = torch.ones(2, *img.shape[-2:], dtype=torch.bool)
     roi[0, :, -4:] = False
     for kind in ("cpu", "cuda-emulation"):
         lat = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi, kind=kind)
         v = torch.rand(lat.state.vertex_ids.shape[0], 7, generator=torch.Generator().manual_seed(0))
-        fwd, adj = lat.apply_both_pixel_major(v)
-        assert torch.equal(fwd, lat.apply_pixel_major(v))
-        assert torch.equal(adj, lat.apply_pixel_major(v, transpose=True))
-        assert not torch.equal(fwd, adj)  # L is not symmetric: the two really differ
+        fwd, adj = lat.apply_pixel_major(v), lat.apply_pixel_major(v, transpose=True)
+        assert float((fwd - adj).abs().max()) > 1e-3 * float(fwd.abs().max())  # L is not symmetric
+        torch.testing.assert_close(lat.apply_symmetric_pixel_major(v), fwd + adj, rtol=1e-6, atol=1e-6)

@@ -1,10 +1,11 @@
-// CPU lattice filter in both directions at once: L v and L' v from one splat (the NC loss needs both: its value
-// S'LS and its gradient (L + L')S). L = alpha S' B S and L' = alpha S' B' S differ only in the order of the blur
-// axes, so the splat (the costly scatter over pixels x corners x channels) and the reads of each pixel's corners
-// in the slice are shared. Same operations in the same order as the standard filter's splat, blur and slice of
-// lattice_cpu.cpp at the time of writing (sums per vertex in pixel order), so each output equals a standard
-// filter call to float rounding. Registered as torch.ops.nclib_both.filter_both (this translation unit is linked
-// into the "cpu" build next to lattice_cpu.cpp, which owns the Python module).
+// CPU lattice filter with the symmetrised operator: (L + L') v from one splat, one slice (the NC loss needs
+// (L + L') S for its gradient and S'(L + L')S / 2 = S'LS for its value). L = alpha S' B S and L' = alpha S' B' S
+// differ only in the order of the blur axes, so the splat (the costly scatter over pixels x corners x channels)
+// and, the slice being linear, the slice of the two blurred sums are shared. The splat and blurs do the same
+// operations in the same order as the standard filter of lattice_cpu.cpp at the time of writing (sums per vertex
+// in pixel order), so the output equals the sum of two standard filter calls to float rounding. Registered as
+// torch.ops.nclib_both.filter_sym (this translation unit is linked into the "cpu" build next to lattice_cpu.cpp,
+// which owns the Python module).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,17 +46,17 @@ float* blur_chain(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C,
   return a;
 }
 
-std::vector<at::Tensor> filter_both(const at::Tensor& values_in, const at::Tensor& vtx, const at::Tensor& bary,
+at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const at::Tensor& bary,
                                     const at::Tensor& nbr, int64_t batch) {
   TORCH_CHECK(values_in.device().is_cpu() && values_in.scalar_type() == at::kFloat && values_in.dim() == 2,
-              "filter_both: values must be (P, C) float32 on the CPU");
+              "filter_sym: values must be (P, C) float32 on the CPU");
   const at::Tensor values = values_in.contiguous();
   const int64_t P = values.size(0);
   const int64_t C = values.size(1);
   const int d1 = static_cast<int>(vtx.size(1));
   const int64_t V = nbr.size(0);
-  TORCH_CHECK(vtx.size(0) == P, "filter_both: values have ", P, " pixels, the lattice ", vtx.size(0));
-  TORCH_CHECK(batch >= 1 && P % batch == 0, "filter_both: P must be a multiple of the batch size");
+  TORCH_CHECK(vtx.size(0) == P, "filter_sym: values have ", P, " pixels, the lattice ", vtx.size(0));
+  TORCH_CHECK(batch >= 1 && P % batch == 0, "filter_sym: P must be a multiple of the batch size");
   const float* in = values.data_ptr<float>();
   const float* bp = bary.data_ptr<float>();
   const int32_t* vp = vtx.data_ptr<int32_t>();
@@ -102,37 +103,31 @@ std::vector<at::Tensor> filter_both(const at::Tensor& values_in, const at::Tenso
   const float* a = blur_chain(fwd, fwd_tmp, np, V, C, d1, false);
   const float* t = blur_chain(rev, rev_tmp, np, V, C, d1, true);
 
-  // Slice both with the same barycentric weights, reading each pixel's corners once.
+  // Slice the sum of both blurs (the slice is linear): (L + L') v with the same barycentric weights.
   at::Tensor out = at::empty({P, C}, values.options());
-  at::Tensor out_t = at::empty({P, C}, values.options());
   float* op = out.data_ptr<float>();
-  float* ot = out_t.data_ptr<float>();
   const float alpha = lattice_alpha(d1 - 1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
       float* dst = op + p * C;
-      float* dst_t = ot + p * C;
       std::fill(dst, dst + C, 0.f);
-      std::fill(dst_t, dst_t + C, 0.f);
       for (int r = 0; r < d1; ++r) {
         const int32_t v = vp[p * d1 + r];
         if (v < 0) continue;
         const float w = alpha * bp[p * d1 + r];
         const float* src = a + static_cast<int64_t>(v) * C;
         const float* src_t = t + static_cast<int64_t>(v) * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
-        for (int64_t c = 0; c < C; ++c) dst_t[c] += w * src_t[c];
+        for (int64_t c = 0; c < C; ++c) dst[c] += w * (src[c] + src_t[c]);
       }
     }
   });
-  return {out, out_t};
+  return out;
 }
 
 }  // namespace
 }  // namespace nclib
 
 TORCH_LIBRARY_FRAGMENT(nclib_both, m) {
-  m.def("filter_both(Tensor values, Tensor vtx, Tensor bary, Tensor nbr, int batch) -> Tensor[]",
-        &nclib::filter_both);
+  m.def("filter_sym(Tensor values, Tensor vtx, Tensor bary, Tensor nbr, int batch) -> Tensor", &nclib::filter_sym);
 }
