@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from . import _ext
 from ._checks import check_images, check_positive, check_probs, check_roi, check_tensor
 from .lattice import Permutohedral, from_pixel_major, rgbxy_features, to_pixel_major, xy_features
 
@@ -137,19 +138,44 @@ def dense_crf(
         if pos_w > 0:
             kernels.append(_Kernel(Permutohedral(xy_features(img, pos_xy_std), roi_b), normalization, pos_w))
         with torch.no_grad():
-            # Buffers reused by every iteration: the message, exp scratch, and pre * Q for each kernel (Q itself
-            # is only needed at the end).
-            message, scratch = torch.empty_like(neg_unary), torch.empty_like(neg_unary)
-            inputs = [torch.empty_like(neg_unary) for _ in kernels]
-            pres = [kn.pre for kn in kernels]
-            _softmax_into(neg_unary, scratch, pres, inputs)
-            for _ in range(iterations - 1):
-                message.copy_(neg_unary)
-                for kernel, q_pre in zip(kernels, inputs):  # Potts: -w * (-K Q), an agreement bonus
-                    message.addcmul_(kernel.filter(q_pre), kernel.post)
-                _softmax_into(message, scratch, pres, inputs)
-            message.copy_(neg_unary)
-            for kernel, q_pre in zip(kernels, inputs):
-                message.addcmul_(kernel.filter(q_pre), kernel.post)
-            q = _softmax_into(message, scratch, [None], [message])  # out may alias message: exp went to scratch
+            if kernels and all(kn.lattice.kind == "cpu" for kn in kernels):
+                q = _mean_field_cpu(neg_unary, kernels, iterations)
+            else:
+                q = _mean_field(neg_unary, kernels, iterations)
         return from_pixel_major(q, (b, k, h, w))
+
+
+def _mean_field(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tensor:
+    """Mean-field iterations in torch ops on pixel-major (P, K) tensors; returns Q (P, K)."""
+    # Buffers reused by every iteration: the message, exp scratch, and pre * Q for each kernel (Q itself is only
+    # needed at the end).
+    message, scratch = torch.empty_like(neg_unary), torch.empty_like(neg_unary)
+    inputs = [torch.empty_like(neg_unary) for _ in kernels]
+    pres = [kn.pre for kn in kernels]
+    _softmax_into(neg_unary, scratch, pres, inputs)
+    for _ in range(iterations - 1):
+        message.copy_(neg_unary)
+        for kernel, q_pre in zip(kernels, inputs):  # Potts: -w * (-K Q), an agreement bonus
+            message.addcmul_(kernel.filter(q_pre), kernel.post)
+        _softmax_into(message, scratch, pres, inputs)
+    message.copy_(neg_unary)
+    for kernel, q_pre in zip(kernels, inputs):
+        message.addcmul_(kernel.filter(q_pre), kernel.post)
+    return _softmax_into(message, scratch, [None], [message])  # out may alias message: exp went to scratch
+
+
+def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tensor:
+    """:func:`_mean_field` with each update (messages, softmax, next inputs) in one pass of the CPU build's
+    ``nclib_meanfield.update`` kernel."""
+    _ext.load("cpu")  # registers torch.ops.nclib_meanfield
+    update = torch.ops.nclib_meanfield.update
+    ones = torch.ones_like(neg_unary[:, :1])
+    pres = [kn.pre if kn.pre is not None else ones for kn in kernels]
+    posts = [kn.post.contiguous() for kn in kernels]
+    inputs = [torch.empty_like(neg_unary) for _ in kernels]
+    update(neg_unary, [], [], pres, inputs)  # Q_0 = softmax(unary), pre-multiplied
+    for _ in range(iterations - 1):
+        update(neg_unary, [kn.filter(x) for kn, x in zip(kernels, inputs)], posts, pres, inputs)
+    q = torch.empty_like(neg_unary)
+    update(neg_unary, [kn.filter(x) for kn, x in zip(kernels, inputs)], posts, [ones], [q])
+    return q

@@ -214,8 +214,8 @@ class Permutohedral:
 
     def apply_symmetric_pixel_major(self, values: torch.Tensor) -> torch.Tensor:
         """``(L + L') v``, twice the symmetric part of the operator, on pixel-major (B*H*W, C) float32 values, no
-        autograd: one splat, two blurs (one per axis order) and one slice on the ``"cpu"`` build, two filter
-        calls elsewhere."""
+        autograd: one splat, two blurs (one per axis order) and one slice on the ``"cpu"`` build (which also
+        computes and caches :meth:`norm` if not done yet), two filter calls elsewhere."""
         pixels = self.state.vertex_ids.shape[0]
         if values.dim() != 2 or values.shape[0] != pixels or values.dtype != torch.float32:
             raise ValueError(
@@ -225,8 +225,12 @@ class Permutohedral:
         if self.kind == "cpu":
             _ext.load("cpu")  # registers torch.ops.nclib_both
             s = self.state
-            return torch.ops.nclib_both.filter_sym(values, s.vertex_ids, s.barycentric, s.neighbors,
-                                                   int(self.shape[0]))
+            out, norm = torch.ops.nclib_both.filter_sym(values, s.vertex_ids, s.barycentric, s.neighbors,
+                                                        int(self.shape[0]), self._norm is None)
+            if self._norm is None:  # the degree came with the same splat: cache it for norm()
+                b, _, h, w = self.shape
+                self._norm = norm.reshape(b, h, w, 1).permute(0, 3, 1, 2)
+            return out
         return self._apply(values, False).add_(self._apply(values, True))
 
     def _apply(self, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:

@@ -304,4 +304,8 @@ def test_symmetric_filter_from_one_splat_equals_two_filter_calls(astro):
         v = torch.rand(lat.state.vertex_ids.shape[0], 7, generator=torch.Generator().manual_seed(0))
         fwd, adj = lat.apply_pixel_major(v), lat.apply_pixel_major(v, transpose=True)
         assert float((fwd - adj).abs().max()) > 1e-3 * float(fwd.abs().max())  # L is not symmetric
+        fresh = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi, kind=kind)
+        torch.testing.assert_close(fresh.apply_symmetric_pixel_major(v), fwd + adj, rtol=1e-6, atol=1e-6)
+        ones = torch.ones(v.shape[0], 1)
+        assert torch.equal(fresh.norm(), lat.filter(ones.reshape(2, *img.shape[-2:], 1).permute(0, 3, 1, 2)))
         torch.testing.assert_close(lat.apply_symmetric_pixel_major(v), fwd + adj, rtol=1e-6, atol=1e-6)

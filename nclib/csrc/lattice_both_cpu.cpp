@@ -5,7 +5,8 @@
 // operations in the same order as the standard filter of lattice_cpu.cpp at the time of writing (sums per vertex
 // in pixel order), so the output equals the sum of two standard filter calls to float rounding. Registered as
 // torch.ops.nclib_both.filter_sym (this translation unit is linked into the "cpu" build next to lattice_cpu.cpp,
-// which owns the Python module).
+// which owns the Python module). with_norm: also the degree L 1 (one more splatted and forward-blurred channel),
+// equal to a standard filter of ones.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -46,8 +47,8 @@ float* blur_chain(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C,
   return a;
 }
 
-at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const at::Tensor& bary,
-                                    const at::Tensor& nbr, int64_t batch) {
+std::vector<at::Tensor> filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const at::Tensor& bary,
+                                   const at::Tensor& nbr, int64_t batch, bool with_norm) {
   TORCH_CHECK(values_in.device().is_cpu() && values_in.scalar_type() == at::kFloat && values_in.dim() == 2,
               "filter_sym: values must be (P, C) float32 on the CPU");
   const at::Tensor values = values_in.contiguous();
@@ -67,6 +68,9 @@ at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const 
   float* fwd_tmp = bufs[1].data_ptr<float>();
   float* rev = bufs[2].data_ptr<float>();
   float* rev_tmp = bufs[3].data_ptr<float>();
+  // with_norm: the degree L 1 as well (a ones channel splatted by the first channel chunk of each image).
+  at::Tensor nbufs = at::zeros({with_norm ? 2 : 0, V}, values.options());
+  float* nacc = with_norm ? nbufs[0].data_ptr<float>() : nullptr;
 
   // Splat in pixel order per image (and channel chunk when there are fewer images than threads).
   const int64_t n = P / batch;
@@ -81,6 +85,7 @@ at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const 
       const int64_t c0 = (task % per_image) * width, cw = std::min(width, C - c0);
       acc.assign(static_cast<size_t>(V) * cw, 0.f);
       int64_t vmin = V, vmax = -1;
+      float* ones = (nacc != nullptr && c0 == 0) ? nacc : nullptr;  // images own disjoint vertex ranges
       for (int64_t p = b * n; p < (b + 1) * n; ++p) {
         const float* src = in + p * C + c0;
         for (int r = 0; r < d1; ++r) {
@@ -91,6 +96,7 @@ at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const 
           const float w = bp[p * d1 + r];
           float* dst = acc.data() + static_cast<int64_t>(v) * cw;
           for (int64_t c = 0; c < cw; ++c) dst[c] += w * src[c];
+          if (ones != nullptr) ones[v] += w * 1.0f;
         }
       }
       for (int64_t v = vmin; v <= vmax; ++v) {
@@ -102,6 +108,9 @@ at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const 
 
   const float* a = blur_chain(fwd, fwd_tmp, np, V, C, d1, false);
   const float* t = blur_chain(rev, rev_tmp, np, V, C, d1, true);
+  const float* nb = with_norm ? blur_chain(nacc, nbufs[1].data_ptr<float>(), np, V, 1, d1, false) : nullptr;
+  at::Tensor norm = at::empty({with_norm ? P : 0, 1}, values.options());
+  float* nout = with_norm ? norm.data_ptr<float>() : nullptr;
 
   // Slice the sum of both blurs (the slice is linear): (L + L') v with the same barycentric weights.
   at::Tensor out = at::empty({P, C}, values.options());
@@ -112,6 +121,7 @@ at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const 
     for (int64_t p = lo; p < hi; ++p) {
       float* dst = op + p * C;
       std::fill(dst, dst + C, 0.f);
+      float deg = 0.f;
       for (int r = 0; r < d1; ++r) {
         const int32_t v = vp[p * d1 + r];
         if (v < 0) continue;
@@ -119,15 +129,18 @@ at::Tensor filter_sym(const at::Tensor& values_in, const at::Tensor& vtx, const 
         const float* src = a + static_cast<int64_t>(v) * C;
         const float* src_t = t + static_cast<int64_t>(v) * C;
         for (int64_t c = 0; c < C; ++c) dst[c] += w * (src[c] + src_t[c]);
+        if (nb != nullptr) deg += w * nb[v];
       }
+      if (nout != nullptr) nout[p] = deg;
     }
   });
-  return out;
+  return {out, norm};
 }
 
 }  // namespace
 }  // namespace nclib
 
 TORCH_LIBRARY_FRAGMENT(nclib_both, m) {
-  m.def("filter_sym(Tensor values, Tensor vtx, Tensor bary, Tensor nbr, int batch) -> Tensor", &nclib::filter_sym);
+  m.def("filter_sym(Tensor values, Tensor vtx, Tensor bary, Tensor nbr, int batch, bool with_norm) -> Tensor[]",
+        &nclib::filter_sym);
 }
