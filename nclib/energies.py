@@ -281,7 +281,7 @@ def nc_energy(
         lattice = Permutohedral(rgbxy_features(img, sigma_rgb, sigma_xy), roi=roi_b)
         if roi_b is not None:
             s = s * roi_b[:, None].to(s.dtype)
-        return normalized_cut_lattice(s, lattice)
+        return normalized_cut(s, lattice.filter, lattice.norm())  # S'LS, as the clustering's energies
 
 
 # -------------------------------------------------------------------------------- dense O(N^2) references
