@@ -48,9 +48,10 @@ figures: setup data
 smoke: setup data
 	$(NB_ENV) NCLIB_FIGURES=$(CURDIR)/build/figures $(BIN)/python scripts/run_notebooks.py params/smoke.yaml
 
+# BASELINE=<path of another checkout, e.g. a git worktree of the previous main>: same-run ratios for the losses.
 bench: setup
 	$(BIN)/python scripts/bench_lattice.py
-	$(BIN)/python scripts/bench_losses.py
+	$(BIN)/python scripts/bench_losses.py $(if $(BASELINE),--baseline $(BASELINE))
 	$(BIN)/python scripts/bench_train.py
 
 # Static checks (pyflakes, import order, complexity <= 15, bugbear): configured in pyproject.toml [tool.ruff].

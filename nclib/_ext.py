@@ -105,7 +105,9 @@ def _check_kind(kind: str) -> None:
 
 def _sources(kind: str) -> list[Path]:
     """The translation units of ``kind`` (the emulation compiles one generated file that includes both CUDA ones)."""
-    return [_CSRC / "lattice_cpu.cpp"] if kind == "cpu" else [_CSRC / "lattice_cuda.cpp", _CSRC / "lattice_cuda.cu"]
+    if kind == "cpu":  # + torch.ops.nclib_both.filter_sym (NC loss) and torch.ops.nclib_meanfield.update (CRF)
+        return [_CSRC / "lattice_cpu.cpp", _CSRC / "lattice_both_cpu.cpp", _CSRC / "meanfield_cpu.cpp"]
+    return [_CSRC / "lattice_cuda.cpp", _CSRC / "lattice_cuda.cu"]
 
 
 def cxx_flags(kind: str) -> list[str]:

@@ -8,6 +8,9 @@ a :class:`nclib.lattice.Permutohedral` (``lattice.filter``, ``lattice.norm()``, 
 
 * :func:`normalized_cut`: relaxed NC, Eq. 6 of the paper, ``sum_k S_k'W(1 - S_k) / d'S_k``; with ``present``,
   over the labels present in each image only (beyond the paper, see there);
+* :func:`normalized_cut_lattice`: the same value on a :class:`nclib.lattice.Permutohedral`, fused for speed: one
+  pass over S in the kernels' pixel-major layout, the backward Eq. 8 in closed form (no autograd graph of
+  (B, K, H, W) intermediates);
 * :func:`normalized_cut_gradient`: its gradient, Eq. 8, in closed form;
 * :func:`potts_energy`: relaxed Potts / dense-CRF term ``sum_k S_k'W(1 - S_k)``;
 * :func:`kmeans_energy`: soft K-means on RGB (no affinity);
@@ -30,13 +33,14 @@ from ._checks import (
     check_roi,
     check_tensor,
 )
-from .lattice import Permutohedral, exact_gaussian_filter, rgbxy_features
+from .lattice import Permutohedral, exact_gaussian_filter, from_pixel_major, rgbxy_features, to_pixel_major
 
 __all__ = [
     "Filter",
     "cut_and_volume",
     "restrict_to_labels",
     "normalized_cut",
+    "normalized_cut_lattice",
     "normalized_cut_gradient",
     "potts_energy",
     "kmeans_energy",
@@ -124,16 +128,77 @@ def normalized_cut(
     mass; with K labels and a few present, those residues dominate the value and its gradient pushes absent labels
     onto colour clusters. Restricting the partition removes those terms.
     """
-    active = None
-    if present is not None:
-        _, active = _effective_present(present, s)
-        s = restrict_to_labels(s, present)
-    cut, vol = cut_and_volume(s, filt, d)
-    ratio = torch.where(vol > 0, cut / vol.clamp_min(1e-30), torch.zeros_like(cut))
-    value = ratio.sum(dim=1)
-    if active is not None:
-        value = torch.where(active, value, torch.zeros_like(value))
-    return value
+    return _with_present(s, present, lambda x: _ratio_sum(*cut_and_volume(x, filt, d)))
+
+
+def _ratio_sum(cut: torch.Tensor, vol: torch.Tensor) -> torch.Tensor:
+    """``sum_k cut_k / vol_k`` over (B, K), empty segments (vol 0) contributing 0."""
+    return torch.where(vol > 0, cut / vol.clamp_min(1e-30), torch.zeros_like(cut)).sum(dim=1)
+
+
+def _with_present(s: torch.Tensor, present: Optional[torch.Tensor], nc: Callable[[torch.Tensor], torch.Tensor]):
+    """``nc(S)`` (B,), or with ``present`` ``nc`` of S restricted to the present labels, 0 below 2 labels."""
+    if present is None:
+        return nc(s)
+    _, active = _effective_present(present, s)
+    value = nc(restrict_to_labels(s, present))
+    return torch.where(active, value, torch.zeros_like(value))
+
+
+class _LatticeNC(torch.autograd.Function):
+    """NC of Eq. 6 on a lattice ``L`` and its Eq. 8 backward with ``W = (L + L') / 2``, in pixel-major layout.
+
+    Forward: one transpose of S to (B, N, K), ``2 W S = (L + L') S`` (one splat on the CPU build), then per class
+    ``vol = d'S`` and ``assoc = S'WS = S'LS`` as diagonals of small matrix products (no (B, K, H, W)
+    temporaries). Saved for the backward: ``2 W S``, ``d``, vol and assoc, so the backward runs no filter and
+    builds no graph: one transpose and two elementwise passes. The same computation with or without a gradient,
+    so both give the same value.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, lattice: Permutohedral) -> torch.Tensor:
+        b, k, h, w = s.shape
+        n = h * w
+        sp = to_pixel_major(s.detach()).view(b, n, k)  # a 2-D transpose per image
+        ws = lattice.apply_symmetric_pixel_major(sp.view(b * n, k)).view(b, n, k)  # 2 W S = (L + L') S
+        d = lattice.norm().reshape(b, n, 1)  # a view: the norm is stored pixel-major
+        vol = torch.bmm(d.transpose(1, 2), sp)[:, 0]  # (B, K)
+        assoc = torch.bmm(sp.transpose(1, 2), ws).diagonal(dim1=1, dim2=2) * 0.5  # (B, K): S_k'W S_k = S_k'L S_k
+        ctx.save_for_backward(ws, d, vol, assoc)
+        ctx.shape, ctx.dtype = (b, k, h, w), s.dtype
+        return _ratio_sum(vol - assoc, vol).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):
+        ws2, d, vol, assoc = ctx.saved_tensors
+        b, k, h, w = ctx.shape
+        go = grad_value.to(torch.float32)[:, None]  # (B, 1)
+        safe = vol.clamp_min(1e-30)
+        zero = torch.zeros_like(vol)
+        a = torch.where(vol > 0, go * assoc / safe.square(), zero)  # (B, K): coefficient of d
+        c = torch.where(vol > 0, -go / safe, zero)  # (B, K): coefficient of 2 W S_k
+        grad = from_pixel_major(ws2, ctx.shape).view(b, k, h * w)
+        grad.mul_(c[:, :, None]).addcmul_(a[:, :, None], d.view(b, 1, h * w))  # Eq. 8
+        return grad.view(b, k, h, w).to(ctx.dtype), None
+
+
+def normalized_cut_lattice(
+    s: torch.Tensor, lattice: Permutohedral, present: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """:func:`normalized_cut` with ``filt = lattice.filter`` and ``d = lattice.norm()``, (B,), fused for speed.
+
+    Same value (to float rounding) and the same gradient as autograd through the lattice, i.e. Eq. 8 with the
+    symmetric part ``(L + L') / 2`` of the lattice operator, computed in closed form: the forward filters S once
+    with ``L + L'`` (:meth:`nclib.lattice.Permutohedral.apply_symmetric_pixel_major`), the backward is
+    elementwise. ``s`` (B, K, H, W) matches
+    the lattice's batch and size; pixels outside the lattice's roi must be 0 in ``s``. ``present``: as in
+    :func:`normalized_cut`.
+    """
+    b, _, h, w = lattice.shape
+    if s.dim() != 4 or s.shape[0] != b or tuple(s.shape[-2:]) != (h, w):
+        raise ValueError(f"s must have shape (B, K, H, W) with B, H, W = {(b, h, w)} like the lattice, "
+                         f"got {tuple(s.shape)}")
+    return _with_present(s, present, lambda x: _LatticeNC.apply(x, lattice))
 
 
 def normalized_cut_gradient(s: torch.Tensor, ws: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -216,7 +281,7 @@ def nc_energy(
         lattice = Permutohedral(rgbxy_features(img, sigma_rgb, sigma_xy), roi=roi_b)
         if roi_b is not None:
             s = s * roi_b[:, None].to(s.dtype)
-        return normalized_cut(s, lattice.filter, lattice.norm())
+        return normalized_cut(s, lattice.filter, lattice.norm())  # S'LS, as the clustering's energies
 
 
 # -------------------------------------------------------------------------------- dense O(N^2) references

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import _ext
-from ._checks import check_finite, check_positive, check_rank, check_same_device, check_same_spatial
+from ._checks import check_finite, check_positive, check_rank, check_same_device, check_same_spatial, checks_enabled
 
 __all__ = [
     "rgbxy_features",
@@ -33,6 +33,7 @@ __all__ = [
     "exact_gaussian_filter",
     "relative_rms_error",
     "to_pixel_major",
+    "from_pixel_major",
     "MAX_FEATURES",
     "LatticeState",
 ]
@@ -74,7 +75,7 @@ def xy_features(images: torch.Tensor, sigma_xy: float) -> torch.Tensor:
 
 
 def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
-    """Bilateral features ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``, (B, 5, H, W).
+    """Bilateral features ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``, (B, 5, H, W) in channels_last memory.
 
     Args:
         images: (B, 3, H, W), RGB in 0..255, any real dtype: features are computed and returned in float32 (float64
@@ -86,14 +87,45 @@ def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> t
     if images.shape[1] != 3:
         raise ValueError(f"images must have 3 (RGB) channels, got shape {tuple(images.shape)}")
     check_positive("sigma_rgb", sigma_rgb)
+    check_positive("sigma_xy", sigma_xy)
     check_finite("images", images)
-    return torch.cat([xy_features(images, sigma_xy), images.to(feature_dtype(images)) / sigma_rgb], dim=1)
+    dtype = feature_dtype(images)
+    if images.requires_grad and torch.is_grad_enabled():  # keep the graph (out= writes do not)
+        return torch.cat([xy_features(images, sigma_xy), images.to(dtype) / sigma_rgb], dim=1)
+    b, _, h, w = images.shape
+    # Written straight into pixel-major memory (channels_last): the kernels' layout, so the lattice build needs
+    # no transpose copy (to_pixel_major is then free).
+    out = torch.empty(b, h, w, 5, dtype=dtype, device=images.device)
+    out[..., 0] = torch.arange(w, device=images.device, dtype=dtype) / sigma_xy
+    out[..., 1] = (torch.arange(h, device=images.device, dtype=dtype) / sigma_xy)[:, None]
+    torch.div(images.permute(0, 2, 3, 1).to(dtype), sigma_rgb, out=out[..., 2:])
+    return out.permute(0, 3, 1, 2)
 
 
 def to_pixel_major(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> contiguous float32 (B*H*W, C), the kernels' native layout (free for channels_last float32)."""
+    """(B, C, H, W) -> contiguous float32 (B*H*W, C), the kernels' native layout (free for channels_last float32).
+
+    A contiguous (NCHW) input is transposed image by image: torch copies a 2-D transpose with a blocked kernel,
+    several times faster than the generic strided copy of a 4-D permute with a small innermost C.
+    """
     b, c, h, w = t.shape
+    if c > 1 and t.is_contiguous():
+        out = torch.empty(b, h * w, c, dtype=torch.float32, device=t.device)
+        for i in range(b):
+            out[i].copy_(t[i].reshape(c, h * w).t())
+        return out.view(b * h * w, c)
     return t.permute(0, 2, 3, 1).reshape(b * h * w, c).to(torch.float32).contiguous()
+
+
+def from_pixel_major(values: torch.Tensor, shape) -> torch.Tensor:
+    """Pixel-major (B*H*W, C) (or (B, H*W, C)) values -> contiguous (B, C, H, W) of ``shape``, image by image
+    (the inverse of :func:`to_pixel_major`, with the same blocked 2-D transposes)."""
+    b, c, h, w = shape
+    src = values.reshape(b, h * w, c)
+    out = torch.empty(b, c, h * w, dtype=values.dtype, device=values.device)
+    for i in range(b):
+        out[i].copy_(src[i].t())
+    return out.view(b, c, h, w)
 
 
 class _LatticeFilter(torch.autograd.Function):
@@ -180,6 +212,27 @@ class Permutohedral:
             )
         return self._apply(values.contiguous(), transpose)
 
+    def apply_symmetric_pixel_major(self, values: torch.Tensor) -> torch.Tensor:
+        """``(L + L') v``, twice the symmetric part of the operator, on pixel-major (B*H*W, C) float32 values, no
+        autograd: one splat, two blurs (one per axis order) and one slice on the ``"cpu"`` build (which also
+        computes and caches :meth:`norm` if not done yet), two filter calls elsewhere."""
+        pixels = self.state.vertex_ids.shape[0]
+        if values.dim() != 2 or values.shape[0] != pixels or values.dtype != torch.float32:
+            raise ValueError(
+                f"values must be float32 (B*H*W, C) = ({pixels}, C), got {values.dtype} {tuple(values.shape)}"
+            )
+        values = values.contiguous()
+        if self.kind == "cpu":
+            _ext.load("cpu")  # registers torch.ops.nclib_both
+            s = self.state
+            out, norm = torch.ops.nclib_both.filter_sym(values, s.vertex_ids, s.barycentric, s.neighbors,
+                                                        int(self.shape[0]), self._norm is None)
+            if self._norm is None:  # the degree came with the same splat: cache it for norm()
+                b, _, h, w = self.shape
+                self._norm = norm.reshape(b, h, w, 1).permute(0, 3, 1, 2)
+            return out
+        return self._apply(values, False).add_(self._apply(values, True))
+
     def _apply(self, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:
         return _ext.apply_lattice(self.kind, self.state, values_pm, transpose)
 
@@ -194,7 +247,8 @@ class Permutohedral:
         check_same_device("values", values, "features", torch.empty(0, device=self.device))
         if not values.is_floating_point():
             raise ValueError(f"values must be a floating tensor, got dtype {values.dtype}")
-        check_finite("values", values)
+        if checks_enabled():
+            check_finite("values", values)
 
     def norm(self) -> torch.Tensor:
         """``W 1`` as (B, 1, H, W) float32, computed once and cached (0 outside the roi)."""

@@ -26,7 +26,7 @@ from ._checks import (
     check_scale,
     check_tensor,
 )
-from .energies import kmeans_energy, normalized_cut, potts_energy, restrict_to_labels
+from .energies import kmeans_energy, normalized_cut_lattice, potts_energy, restrict_to_labels
 from .lattice import Permutohedral, rgbxy_features
 
 __all__ = [
@@ -139,7 +139,8 @@ def normalized_cut_loss(
 
     ``W`` is the dense Gaussian over RGBXY applied by one permutohedral lattice per call; ``d = W 1`` comes from
     the same lattice (``L.norm()``) so its uncalibrated scale cancels in the ratio. The value lies in [0, K].
-    The formula is :func:`nclib.energies.normalized_cut`; this adds validation, clamping, roi, scale, reduction.
+    The formula is :func:`nclib.energies.normalized_cut` (computed by its fused lattice form
+    :func:`nclib.energies.normalized_cut_lattice`); this adds validation, clamping, roi, scale, reduction.
 
     Args:
         probs: (B, K, H, W) softmax output (or logits with ``from_logits=True``).
@@ -159,8 +160,8 @@ def normalized_cut_loss(
             terms dominate the loss and its gradient pushes absent labels onto colour clusters. Labels absent
             from the scribbles are left to pCE / NEL. Needs ``scribbles``.
         reduction: "mean" over the batch (images giving 0 included), "sum", or "none" for the (B,) values.
-    Gradient: autograd through the lattice filter, i.e. Eq. 8 for the lattice operator ``L`` (with ``(L + L')S``
-    in place of ``2 W S``; ``L`` is symmetric to ~1e-4).
+    Gradient: Eq. 8 for the lattice operator ``L`` (with ``(L + L')S`` in place of ``2 W S``), what autograd
+    through the filter gives, in closed form.
     """
     check_tensor("probs", probs, "(B, K, H, W)")
     check_tensor("images", images, "(B, 3, H, W)")
@@ -184,7 +185,7 @@ def normalized_cut_loss(
         lattice = _lattice(img, sigma_rgb, sigma_xy * scale, roi_b)
         if roi_b is not None:
             s = s * roi_b[:, None].to(s.dtype)
-        return _reduce(normalized_cut(s, lattice.filter, lattice.norm(), present), reduction)
+        return _reduce(normalized_cut_lattice(s, lattice, present), reduction)
 
 
 def nel_loss(probs: torch.Tensor, scribbles: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

@@ -14,11 +14,12 @@ from nclib.energies import (
     normalized_cut,
     normalized_cut_dense,
     normalized_cut_gradient,
+    normalized_cut_lattice,
     potts_energy,
     potts_energy_dense,
     restrict_to_labels,
 )
-from nclib.lattice import rgbxy_features
+from nclib.lattice import Permutohedral, rgbxy_features
 from nclib.losses import normalized_cut_loss
 from nclib.photos import photo_tensor
 
@@ -148,3 +149,29 @@ def test_normalized_cut_gradient_is_eq8_the_autograd_gradient():
     got = normalized_cut_gradient(s.detach(), filt(s.detach()), d)
     torch.testing.assert_close(got[:, :3], g[:, :3], rtol=1e-9, atol=1e-12)
     assert bool((got[:, 3] == 0).all())
+
+
+@pytest.mark.parametrize("with_roi", [False, True])
+def test_fused_lattice_nc_equals_autograd_through_the_lattice_filter(with_roi):
+    """The fused form against the generic one on the same lattice: value, and gradient = autograd through
+    ``lattice.filter`` (Eq. 8 with (L + L')/2), with an empty label, a roi and present labels."""
+    img = torch.cat([photo_tensor("astronaut", crop=24), photo_tensor("coffee", crop=24)])
+    g = torch.Generator().manual_seed(1)
+    s0 = torch.softmax(3 * torch.randn(2, 5, 24, 24, generator=g), dim=1)
+    s0[:, 4] = 0  # an empty segment
+    s0 = s0 / s0.sum(1, keepdim=True)
+    roi = roi_mask(24) if with_roi else None
+    if roi is not None:
+        s0 = s0 * roi[:, None]
+    lat = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi)
+    present = torch.tensor([[True, False, True, True, False], [False, True, False, False, False]])
+    for pres in (None, present):
+        a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        got = normalized_cut_lattice(a, lat, pres)
+        want = normalized_cut(b, lat.filter, lat.norm(), pres)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        weights = torch.tensor([0.7, -1.3])
+        (got * weights).sum().backward()
+        (want * weights).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * float(b.grad.abs().max()))
+        assert float(b.grad.abs().max()) > 0

@@ -291,3 +291,22 @@ def test_bad_input_is_a_clear_value_error(astro, call, match):
     v = torch.rand(1, 3, 16, 16)
     with pytest.raises(ValueError, match=match):
         call(f, v)
+
+
+def test_symmetric_filter_from_one_splat_equals_two_filter_calls(astro):
+    """``apply_symmetric_pixel_major`` (the fused CPU kernel; two calls on other builds) is ``L v + L' v`` as the
+    standard filter computes them (to float rounding: one slice of the summed blurs), with a roi and a batch."""
+    img = torch.cat([astro, astro.flip(-1)])
+    roi = torch.ones(2, *img.shape[-2:], dtype=torch.bool)
+    roi[0, :, -4:] = False
+    for kind in ("cpu", "cuda-emulation"):
+        lat = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi, kind=kind)
+        v = torch.rand(lat.state.vertex_ids.shape[0], 7, generator=torch.Generator().manual_seed(0))
+        fwd, adj = lat.apply_pixel_major(v), lat.apply_pixel_major(v, transpose=True)
+        assert float((fwd - adj).abs().max()) > 1e-3 * float(fwd.abs().max())  # L is not symmetric
+        fresh = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi, kind=kind)
+        torch.testing.assert_close(fresh.apply_symmetric_pixel_major(v), fwd + adj, rtol=1e-6, atol=1e-6)
+        ones = torch.ones(v.shape[0], 1)
+        degree = lat.filter(ones.reshape(2, *img.shape[-2:], 1).permute(0, 3, 1, 2))
+        torch.testing.assert_close(fresh.norm(), degree, rtol=1e-6, atol=0.0)  # came with the fused splat
+        torch.testing.assert_close(lat.apply_symmetric_pixel_major(v), fwd + adj, rtol=1e-6, atol=1e-6)
