@@ -47,11 +47,11 @@ def figures() -> dict:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from benchutil import photos
-
     from nclib.crf import dense_crf
     from nclib.lattice import Permutohedral, rgbxy_features, xy_features
     from nclib.losses import normalized_cut_loss
+
+    from benchutil import photos
 
     def network_like_logits(img, seed=0):
         g = torch.Generator().manual_seed(seed)
