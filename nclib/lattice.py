@@ -263,7 +263,8 @@ class Permutohedral:
 
         Returns ``W v`` (or ``W v / W 1`` with ``normalize=True``; 0 where ``W 1`` is 0, i.e. outside the roi) in
         the dtype of ``values``; float32 inside. ``transpose=True`` applies the exact transpose of the operator.
-        Differentiable with respect to ``values`` (the backward applies the exact transpose).
+        Differentiable with respect to ``values`` (the backward applies the exact transpose). float16 values whose
+        unnormalized sums leave float16's range (65504: W sums over many pixels) raise instead of turning into inf.
         """
         self._check_values(values)
         b, c, h, w = values.shape
@@ -272,6 +273,11 @@ class Permutohedral:
         if normalize:
             n = self.norm()
             out = torch.where(n > 0, out / n.clamp_min(1e-30), torch.zeros_like(out))
+        if values.dtype == torch.float16:
+            peak = float(out.detach().abs().max())
+            if peak > torch.finfo(torch.float16).max:
+                raise ValueError(f"the filter output exceeds float16's range (max |W v| = {peak:.4g} > 65504): pass "
+                                 "float32 values, or normalize=True")
         return out.to(values.dtype)
 
 

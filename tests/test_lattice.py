@@ -168,6 +168,17 @@ def test_dtypes_round_trip(astro, device):
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
 
 
+def test_float16_overflow_is_named_not_inf(astro):
+    """Unnormalized sums over a wide kernel leave float16's range: a named error, never a silent inf."""
+    lat = Permutohedral(rgbxy_features(astro, 1e4, 1e4))  # one kernel over the whole image: W 1 ~ #pixels
+    v = torch.full((1, 2, 64, 64), 60.0, dtype=torch.float16)
+    assert float(lat.filter(v.float()).max()) > 65504  # the float32 result really is out of float16's range
+    with pytest.raises(ValueError, match="float16"):
+        lat.filter(v)
+    out = lat.filter(v, normalize=True)  # normalized: in range, returned as float16
+    assert out.dtype == torch.float16 and bool(torch.isfinite(out).all())
+
+
 def test_deterministic_across_threads(astro):
     f = rgbxy_features(astro, 15.0, 30.0)
     v = torch.rand(1, 21, 64, 64)
