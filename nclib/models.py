@@ -45,6 +45,7 @@ __all__ = [
     "DeepLabVGG16ASPP",
     "DeepLabResNet101",
     "SmallDeepLab",
+    "load_small_backbone",
 ]
 
 #: torchvision's published ImageNet weights (the hash prefix in the file name is checked by torch.hub).
@@ -283,31 +284,63 @@ class _ConvGN(nn.Sequential):
 
 
 class SmallDeepLab(_SegNet):
-    """A small DeepLab: strided conv stem to output stride 8, dilated blocks, light ASPP (rates 1/2/4) summed.
+    """A small DeepLab: strided conv stem to output stride 8 (or 4), dilated blocks, light ASPP summed.
 
+    ``output_stride`` 4 drops the stem's third stride and doubles every later dilation (DeepLab's rule when a stride
+    is removed), so the receptive field in pixels stays that of stride 8 while the logit grid is twice as fine: a
+    default object (about 37 px across) spans about 9 logit cells instead of 4.6. ASPP rates are given at stride 8.
     GroupNorm instead of BatchNorm keeps it independent of the batch split (DDP = single process).
+    ``backbone``: a checkpoint of another SmallDeepLab run (``<run>/model.pt``, relative to the results folder or a
+    path) whose ``stem`` and ``context`` initialise this one -- the miniature's "ImageNet" (notebook 03); the
+    classifier ``aspp`` keeps its random initialisation, as DeepLab's fc8.
     """
 
     classifier_prefixes = ("aspp.",)
 
-    def __init__(self, num_classes: int, width: int = 32, rates: Sequence[int] = (1, 2, 4), dropout: float = 0.1):
+    def __init__(self, num_classes: int, width: int = 32, rates: Sequence[int] = (1, 2, 4), dropout: float = 0.1,
+                 output_stride: int = 8, backbone: Optional[str] = None):
         super().__init__(num_classes)
-        w = width
+        if output_stride not in (4, 8):
+            raise ValueError(f"output_stride must be 4 or 8, got {output_stride!r}")
+        w, k = width, 8 // output_stride
+        self.output_stride = output_stride
         self.stem = nn.Sequential(
             _ConvGN(3, w, stride=2), _ConvGN(w, w),
             _ConvGN(w, 2 * w, stride=2), _ConvGN(2 * w, 2 * w),
-            _ConvGN(2 * w, 4 * w, stride=2), _ConvGN(4 * w, 4 * w),
+            _ConvGN(2 * w, 4 * w, stride=2 // k, dilation=1), _ConvGN(4 * w, 4 * w, dilation=k),
         )
-        self.context = nn.Sequential(_ConvGN(4 * w, 4 * w, dilation=2), _ConvGN(4 * w, 4 * w, dilation=4))
+        self.context = nn.Sequential(_ConvGN(4 * w, 4 * w, dilation=2 * k), _ConvGN(4 * w, 4 * w, dilation=4 * k))
         self.drop = nn.Dropout2d(dropout)
-        self.aspp = nn.ModuleList([_classifier(4 * w, num_classes, kernel=3, dilation=r) for r in rates])
+        self.aspp = nn.ModuleList([_classifier(4 * w, num_classes, kernel=3, dilation=r * k) for r in rates])
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in set(self.aspp):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if backbone is not None:
+            load_small_backbone(self, backbone)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         f = self.drop(self.context(self.stem(x)))
         return sum(a(f) for a in self.aspp)
+
+
+def load_small_backbone(model: SmallDeepLab, checkpoint: Union[str, Path]) -> List[str]:
+    """Copy ``stem`` and ``context`` weights from a SmallDeepLab training checkpoint; returns the keys left as they
+    were (the classifier). ValueError naming the file when it is missing or holds another architecture."""
+    from .train.checkpoint import load_checkpoint, resolve_checkpoint_path
+
+    path = resolve_checkpoint_path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"backbone checkpoint {path} not found (train the pre-training run first)")
+    sd = load_checkpoint(path).get("model", {})
+    own = model.state_dict()
+    mapped = {k: v for k, v in sd.items() if k.startswith(("stem.", "context."))}
+    bad = [k for k in own if k.startswith(("stem.", "context.")) and
+           (k not in mapped or tuple(mapped[k].shape) != tuple(own[k].shape))]
+    if bad or not mapped:
+        raise ValueError(f"backbone checkpoint {path} does not fit this SmallDeepLab (width / output stride?): "
+                         f"{bad[:5] or 'no stem/context weights'}")
+    model.load_state_dict(mapped, strict=False)
+    return sorted(k for k in own if k not in mapped)
 
 
 MODELS = ("small", "largefov", "msc_largefov", "vgg16_aspp", "resnet101_aspp")

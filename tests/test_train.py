@@ -275,3 +275,24 @@ def test_amp_on_gpu_keeps_losses_float32(tiny_root, tmp_path):
 def test_amp_needs_cuda():
     with pytest.raises(ValueError, match="amp needs a CUDA device"):
         Config.from_dict({"amp": True, "device": "cpu"})
+
+
+def test_densecrf_weight_adds_the_densecrf_loss_term():
+    from nclib import losses as L
+    from nclib.train import Config
+    from nclib.train.loop import loss_terms
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16)
+    images = torch.rand(2, 3, 16, 16) * 255
+    scrib = torch.full((2, 16, 16), 255, dtype=torch.long)
+    scrib[:, 4, 4:8] = 1
+    roi = torch.ones(2, 16, 16, dtype=torch.bool)
+    cfg = Config(densecrf_weight=0.25, sigma_rgb=15.0, sigma_xy=5.0, nc_scale=0.5)
+    terms = loss_terms(logits, images, scrib, scrib, roi, cfg)
+    want = 0.25 * L.densecrf_loss(torch.softmax(logits, 1), images, 15.0, 5.0, scale=0.5, roi=roi)
+    assert torch.allclose(terms["densecrf"], want, rtol=1e-6)
+    assert torch.allclose(terms["total"], terms["ce"] + terms["densecrf"])
+    assert "densecrf" not in loss_terms(logits, images, scrib, scrib, roi, Config())
+    with pytest.raises(ValueError, match="densecrf_weight"):
+        Config(densecrf_weight=-1.0).validate()
