@@ -19,6 +19,8 @@ YAML_HASHES = {
     "default_salient_kmeans": "40b4e69b", "default_salient_nc": "c03ff7cc", "default_salient_saliency": "39dae697",
     "voc_msc_largefov_full": "5e0ac49f", "voc_msc_largefov_nc": "4c70d379", "voc_msc_largefov_pce": "3595b100",
     "voc_msc_largefov_pce_more": "e9913802", "voc_resnet101_nc": "69200342", "voc_resnet101_pce": "f8cc4856",
+    "regime_full": "6ab2952e", "regime_nc": "56ecd287", "regime_pce": "43b5a2d8", "regime_pce_more": "1f9d3a46",
+    "regime_pretrain": "2d832b7c",
 }
 
 
