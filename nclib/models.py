@@ -14,9 +14,8 @@ size (bilinear upsampling of the output-stride-8 score map, as the PyTorch ports
 * ``resnet101_aspp`` DeepLab-v2 ResNet-101 (layer3 dilation 2, layer4 dilation 4, output stride 8), ASPP with
                     rates 6/12/18/24 straight to the classes, summed; BatchNorm frozen (DeepLab trained with it
                     frozen at batch 10).
-* ``small``         a few dilated conv blocks (GroupNorm, output stride 8) and a light ASPP (rates 1/2/4, summed):
-                    trains on the embedded default in minutes on 2 CPU cores; batch-independent, so multi-process
-                    (DDP) and single-process runs agree.
+* ``small``         a few dilated conv blocks (GroupNorm, output stride 8 or 4), a light ASPP (rates 1/2/4, summed):
+                    minutes on 2 CPU cores; batch-independent, so DDP and single-process runs agree.
 
 ImageNet initialisation (``build_model(..., pretrained="imagenet" | path)``) reads torchvision's published weight
 files (``torch.hub.load_state_dict_from_url``, or a local ``.pth``), maps their keys, and for the fc layers applies
@@ -284,15 +283,11 @@ class _ConvGN(nn.Sequential):
 
 
 class SmallDeepLab(_SegNet):
-    """A small DeepLab: strided conv stem to output stride 8 (or 4), dilated blocks, light ASPP summed.
-
-    ``output_stride`` 4 drops the stem's third stride and doubles every later dilation (DeepLab's rule when a stride
-    is removed), so the receptive field in pixels stays that of stride 8 while the logit grid is twice as fine: a
-    default object (about 37 px across) spans about 9 logit cells instead of 4.6. ASPP rates are given at stride 8.
-    GroupNorm instead of BatchNorm keeps it independent of the batch split (DDP = single process).
-    ``backbone``: a checkpoint of another SmallDeepLab run (``<run>/model.pt``, relative to the results folder or a
-    path) whose ``stem`` and ``context`` initialise this one -- the miniature's "ImageNet" (notebook 03); the
-    classifier ``aspp`` keeps its random initialisation, as DeepLab's fc8.
+    """A small DeepLab: strided conv stem to output stride 8 (or 4), dilated blocks, light ASPP summed; GroupNorm
+    keeps it batch-independent (DDP = single process). ``output_stride`` 4 drops the third stride and doubles every
+    later dilation (DeepLab's rule): same receptive field in pixels, a logit grid twice as fine (a default object,
+    ~37 px, spans ~9 cells instead of 4.6). ``backbone``: a SmallDeepLab checkpoint (``<run>/model.pt``) whose
+    ``stem`` and ``context`` initialise this one (the miniature's "ImageNet", notebook 03); ``aspp`` stays random.
     """
 
     classifier_prefixes = ("aspp.",)
@@ -302,13 +297,10 @@ class SmallDeepLab(_SegNet):
         super().__init__(num_classes)
         if output_stride not in (4, 8):
             raise ValueError(f"output_stride must be 4 or 8, got {output_stride!r}")
-        w, k = width, 8 // output_stride
-        self.output_stride = output_stride
-        self.stem = nn.Sequential(
-            _ConvGN(3, w, stride=2), _ConvGN(w, w),
-            _ConvGN(w, 2 * w, stride=2), _ConvGN(2 * w, 2 * w),
-            _ConvGN(2 * w, 4 * w, stride=2 // k, dilation=1), _ConvGN(4 * w, 4 * w, dilation=k),
-        )
+        w, k, self.output_stride = width, 8 // output_stride, output_stride
+        self.stem = nn.Sequential(_ConvGN(3, w, stride=2), _ConvGN(w, w), _ConvGN(w, 2 * w, stride=2),
+                                  _ConvGN(2 * w, 2 * w), _ConvGN(2 * w, 4 * w, stride=2 // k),
+                                  _ConvGN(4 * w, 4 * w, dilation=k))
         self.context = nn.Sequential(_ConvGN(4 * w, 4 * w, dilation=2 * k), _ConvGN(4 * w, 4 * w, dilation=4 * k))
         self.drop = nn.Dropout2d(dropout)
         self.aspp = nn.ModuleList([_classifier(4 * w, num_classes, kernel=3, dilation=r * k) for r in rates])
@@ -324,18 +316,15 @@ class SmallDeepLab(_SegNet):
 
 
 def load_small_backbone(model: SmallDeepLab, checkpoint: Union[str, Path]) -> List[str]:
-    """Copy ``stem`` and ``context`` weights from a SmallDeepLab training checkpoint; returns the keys left as they
-    were (the classifier). ValueError naming the file when it is missing or holds another architecture."""
+    """Copy ``stem`` / ``context`` from a SmallDeepLab training checkpoint; returns the keys left (the classifier)."""
     from .train.checkpoint import load_checkpoint, resolve_checkpoint_path
 
-    path = resolve_checkpoint_path(checkpoint)
+    path, part = resolve_checkpoint_path(checkpoint), ("stem.", "context.")
     if not path.is_file():
         raise ValueError(f"backbone checkpoint {path} not found (train the pre-training run first)")
-    sd = load_checkpoint(path).get("model", {})
+    mapped = {k: v for k, v in load_checkpoint(path).get("model", {}).items() if k.startswith(part)}
     own = model.state_dict()
-    mapped = {k: v for k, v in sd.items() if k.startswith(("stem.", "context."))}
-    bad = [k for k in own if k.startswith(("stem.", "context.")) and
-           (k not in mapped or tuple(mapped[k].shape) != tuple(own[k].shape))]
+    bad = [k for k in own if k.startswith(part) and (k not in mapped or mapped[k].shape != own[k].shape)]
     if bad or not mapped:
         raise ValueError(f"backbone checkpoint {path} does not fit this SmallDeepLab (width / output stride?): "
                          f"{bad[:5] or 'no stem/context weights'}")
