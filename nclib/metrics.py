@@ -10,10 +10,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._checks import check_same_device, check_tensor
+from ._checks import check_rank, check_same_device, check_tensor
 from .data.labels import IGNORE_LABEL
 
-__all__ = ["confusion_matrix", "iou_per_class", "mean_iou", "pixel_accuracy", "ConfusionMeter"]
+__all__ = ["confusion_matrix", "iou_per_class", "mean_iou", "pixel_accuracy", "ConfusionMeter", "boundary_band",
+           "band_accuracy"]
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
@@ -85,3 +86,42 @@ class ConfusionMeter:
             "pixel_acc": pixel_accuracy(self.conf),
             "iou": [None if v != v else round(float(v), 6) for v in iou.tolist()],
         }
+
+
+def boundary_band(target: torch.Tensor, width: int, ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
+    """(B, H, W) bool: scored pixels within ``width`` px of a ground-truth boundary (DeepLab's trimap protocol).
+
+    A boundary pixel has a 4-neighbour of another (scored) label; the band holds the scored pixels whose
+    chessboard distance to a boundary pixel is below ``width``, i.e. ``width`` px on each side of an edge.
+    ``target`` (B, H, W) integer labels; ``ignore_index`` pixels are neither boundaries nor scored.
+    """
+    check_tensor("target", target, "(B, H, W)")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1 (pixels), got {width!r}")
+    check_rank("target", target, 3, "(B, H, W)")
+    t = target.long()
+    valid = t != ignore_index
+    edge = torch.zeros_like(valid)
+    vert = (t[:, 1:] != t[:, :-1]) & valid[:, 1:] & valid[:, :-1]  # both pixels of a differing pair are boundary
+    edge[:, 1:] |= vert
+    edge[:, :-1] |= vert
+    horiz = (t[:, :, 1:] != t[:, :, :-1]) & valid[:, :, 1:] & valid[:, :, :-1]
+    edge[:, :, 1:] |= horiz
+    edge[:, :, :-1] |= horiz
+    k = 2 * width - 1
+    band = torch.nn.functional.max_pool2d(edge[:, None].float(), k, stride=1, padding=width - 1)[:, 0] > 0
+    return band & valid
+
+
+def band_accuracy(pred: torch.Tensor, target: torch.Tensor, width: int, ignore_index: int = IGNORE_LABEL):
+    """(correct, total) pixel counts inside :func:`boundary_band` of ``target``; sum them over a set, then divide.
+
+    pred, target (B, H, W) integer labels on the same device.
+    """
+    check_tensor("pred", pred, "(B, H, W)")
+    check_tensor("target", target, "(B, H, W)")
+    check_same_device("pred", pred, "target", target)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    band = boundary_band(target, width, ignore_index)
+    return int(((pred.long() == target.long()) & band).sum()), int(band.sum())

@@ -14,9 +14,8 @@ size (bilinear upsampling of the output-stride-8 score map, as the PyTorch ports
 * ``resnet101_aspp`` DeepLab-v2 ResNet-101 (layer3 dilation 2, layer4 dilation 4, output stride 8), ASPP with
                     rates 6/12/18/24 straight to the classes, summed; BatchNorm frozen (DeepLab trained with it
                     frozen at batch 10).
-* ``small``         a few dilated conv blocks (GroupNorm, output stride 8) and a light ASPP (rates 1/2/4, summed):
-                    trains on the embedded default in minutes on 2 CPU cores; batch-independent, so multi-process
-                    (DDP) and single-process runs agree.
+* ``small``         a few dilated conv blocks (GroupNorm, output stride 8 or 4), a light ASPP (rates 1/2/4, summed):
+                    minutes on 2 CPU cores; batch-independent, so DDP and single-process runs agree.
 
 ImageNet initialisation (``build_model(..., pretrained="imagenet" | path)``) reads torchvision's published weight
 files (``torch.hub.load_state_dict_from_url``, or a local ``.pth``), maps their keys, and for the fc layers applies
@@ -45,6 +44,7 @@ __all__ = [
     "DeepLabVGG16ASPP",
     "DeepLabResNet101",
     "SmallDeepLab",
+    "load_small_backbone",
 ]
 
 #: torchvision's published ImageNet weights (the hash prefix in the file name is checked by torch.hub).
@@ -283,31 +283,53 @@ class _ConvGN(nn.Sequential):
 
 
 class SmallDeepLab(_SegNet):
-    """A small DeepLab: strided conv stem to output stride 8, dilated blocks, light ASPP (rates 1/2/4) summed.
-
-    GroupNorm instead of BatchNorm keeps it independent of the batch split (DDP = single process).
+    """A small DeepLab: strided conv stem to output stride 8 (or 4), dilated blocks, light ASPP summed; GroupNorm
+    keeps it batch-independent (DDP = single process). ``output_stride`` 4 drops the third stride and doubles every
+    later dilation (DeepLab's rule): same receptive field in pixels, a logit grid twice as fine (a default object,
+    ~37 px, spans ~9 cells instead of 4.6). ``backbone``: a SmallDeepLab checkpoint (``<run>/model.pt``) whose
+    ``stem`` and ``context`` initialise this one (the miniature's "ImageNet", notebook 03); ``aspp`` stays random.
     """
 
     classifier_prefixes = ("aspp.",)
 
-    def __init__(self, num_classes: int, width: int = 32, rates: Sequence[int] = (1, 2, 4), dropout: float = 0.1):
+    def __init__(self, num_classes: int, width: int = 32, rates: Sequence[int] = (1, 2, 4), dropout: float = 0.1,
+                 output_stride: int = 8, backbone: Optional[str] = None):
         super().__init__(num_classes)
-        w = width
-        self.stem = nn.Sequential(
-            _ConvGN(3, w, stride=2), _ConvGN(w, w),
-            _ConvGN(w, 2 * w, stride=2), _ConvGN(2 * w, 2 * w),
-            _ConvGN(2 * w, 4 * w, stride=2), _ConvGN(4 * w, 4 * w),
-        )
-        self.context = nn.Sequential(_ConvGN(4 * w, 4 * w, dilation=2), _ConvGN(4 * w, 4 * w, dilation=4))
+        if output_stride not in (4, 8):
+            raise ValueError(f"output_stride must be 4 or 8, got {output_stride!r}")
+        w, k, self.output_stride = width, 8 // output_stride, output_stride
+        self.stem = nn.Sequential(_ConvGN(3, w, stride=2), _ConvGN(w, w), _ConvGN(w, 2 * w, stride=2),
+                                  _ConvGN(2 * w, 2 * w), _ConvGN(2 * w, 4 * w, stride=2 // k),
+                                  _ConvGN(4 * w, 4 * w, dilation=k))
+        self.context = nn.Sequential(_ConvGN(4 * w, 4 * w, dilation=2 * k), _ConvGN(4 * w, 4 * w, dilation=4 * k))
         self.drop = nn.Dropout2d(dropout)
-        self.aspp = nn.ModuleList([_classifier(4 * w, num_classes, kernel=3, dilation=r) for r in rates])
+        self.aspp = nn.ModuleList([_classifier(4 * w, num_classes, kernel=3, dilation=r * k) for r in rates])
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in set(self.aspp):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if backbone is not None:
+            load_small_backbone(self, backbone)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         f = self.drop(self.context(self.stem(x)))
         return sum(a(f) for a in self.aspp)
+
+
+def load_small_backbone(model: SmallDeepLab, checkpoint: Union[str, Path]) -> List[str]:
+    """Copy ``stem`` / ``context`` from a SmallDeepLab training checkpoint; returns the keys left (the classifier)."""
+    from .train.checkpoint import load_checkpoint, resolve_checkpoint_path
+
+    path, part = resolve_checkpoint_path(checkpoint), ("stem.", "context.")
+    if not path.is_file():
+        raise ValueError(f"backbone checkpoint {path} not found (train the pre-training run first)")
+    mapped = {k: v for k, v in load_checkpoint(path).get("model", {}).items() if k.startswith(part)}
+    own = model.state_dict()
+    bad = [k for k in own if k.startswith(part) and (k not in mapped or mapped[k].shape != own[k].shape)]
+    if bad or not mapped:
+        raise ValueError(f"backbone checkpoint {path} does not fit this SmallDeepLab (width / output stride?): "
+                         f"{bad[:5] or 'no stem/context weights'}")
+    model.load_state_dict(mapped, strict=False)
+    return sorted(k for k in own if k not in mapped)
 
 
 MODELS = ("small", "largefov", "msc_largefov", "vgg16_aspp", "resnet101_aspp")

@@ -27,6 +27,8 @@ YAML_HASHES = {
     "default_proposal_grabcut": "8bb8ea08", "default_proposal_grabcut_ignore": "742c0fb0",
     "default_proposal_nc": "ad18035a", "default_proposal_nc_ignore": "e4476dd8",
     "default_proposal_kernelcut": "86679dde", "default_proposal_kernelcut_ignore": "8d8449e2",
+    "regime_full": "6ab2952e", "regime_nc": "56ecd287", "regime_pce": "43b5a2d8", "regime_pce_more": "1f9d3a46",
+    "regime_pretrain": "2d832b7c",
 }
 
 

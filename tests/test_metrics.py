@@ -140,3 +140,45 @@ def test_evaluate_scores_and_nc_energy(monkeypatch):
     monkeypatch.setattr(nclib.crf, "dense_crf", fake_crf)
     res = evaluate(m, ds, 3, crf=True, crf_kwargs={"iterations": 3})
     assert res["miou_crf"] == res["miou"] and seen == {"iterations": 3, "shape": (1, 3, 24, 24)}
+
+
+# ---------------------------------------------------------------------------------------------- boundary bands
+def test_boundary_band_hand_computed():
+    from nclib.metrics import band_accuracy, boundary_band
+
+    # left 3 columns label 0, right 3 columns label 1: the boundary pixels are columns 2 and 3
+    t = torch.zeros(1, 6, 6, dtype=torch.long)
+    t[:, :, 3:] = 1
+    cols = lambda band: sorted(set(torch.nonzero(band[0])[:, 1].tolist()))
+    assert cols(boundary_band(t, 1)) == [2, 3]
+    assert cols(boundary_band(t, 2)) == [1, 2, 3, 4]
+    assert cols(boundary_band(t, 3)) == [0, 1, 2, 3, 4, 5]
+    assert int(boundary_band(t, 2).sum()) == 24
+    pred = torch.zeros_like(t)  # right on the 0 side only
+    assert band_accuracy(pred, t, 1) == (6, 12)
+    assert band_accuracy(pred, t, 2) == (12, 24)
+    # ignored pixels are neither boundaries nor scored: void the first row
+    t2 = t.clone()
+    t2[:, 0] = 255
+    assert band_accuracy(pred, t2, 1) == (5, 10)
+
+
+def test_boundary_band_corner_and_errors():
+    from nclib.metrics import band_accuracy, boundary_band
+
+    # a single pixel of label 1 at (2, 2) in a 5x5 zero image: it and its 4 neighbours are boundary pixels;
+    # width 2 adds their chessboard neighbours, i.e. the whole 5x5 except the 4 corners
+    t = torch.zeros(1, 5, 5, dtype=torch.long)
+    t[0, 2, 2] = 1
+    expect1 = torch.zeros(5, 5, dtype=torch.bool)
+    expect1[2, 2] = expect1[1, 2] = expect1[3, 2] = expect1[2, 1] = expect1[2, 3] = True
+    assert torch.equal(boundary_band(t, 1)[0], expect1)
+    expect2 = torch.ones(5, 5, dtype=torch.bool)
+    expect2[0, 0] = expect2[0, 4] = expect2[4, 0] = expect2[4, 4] = False
+    assert torch.equal(boundary_band(t, 2)[0], expect2)
+    with pytest.raises(ValueError, match="width"):
+        boundary_band(t, 0)
+    with pytest.raises(TypeError, match="target"):
+        boundary_band(t.numpy(), 1)
+    with pytest.raises(ValueError, match="same shape"):
+        band_accuracy(t[:, :4], t, 1)

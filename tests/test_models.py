@@ -447,3 +447,41 @@ def test_each_mutation_is_caught(name, mutate, checks, vgg_sd, resnet_sd):
                 check_mapped_tensors: (m, sd, m.imagenet_backbone)}[check]
         with pytest.raises(AssertionError):
             check(*args)
+
+
+# ---------------------------------------------------------------------------------- small net: stride 4, backbone
+def test_small_output_stride_4_halves_the_grid_and_keeps_the_receptive_field():
+    from nclib.models import SmallDeepLab
+
+    x = torch.rand(1, 3, 96, 96) * 255
+    m8, m4 = SmallDeepLab(7).eval(), SmallDeepLab(7, output_stride=4).eval()
+    assert m8.scores(m8.normalize(x)).shape[-2:] == (12, 12)
+    assert m4.scores(m4.normalize(x)).shape[-2:] == (24, 24)
+    # same parameters (stride 8 weights load into stride 4), dilations doubled after the removed stride
+    assert {k: v.shape for k, v in m8.state_dict().items()} == {k: v.shape for k, v in m4.state_dict().items()}
+    convs = lambda m: [(c.stride[0], c.dilation[0]) for c in m.modules() if isinstance(c, nn.Conv2d)]
+    assert convs(m8) == [(2, 1), (1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 2), (1, 4), (1, 1), (1, 2), (1, 4)]
+    assert convs(m4) == [(2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 2), (1, 4), (1, 8), (1, 2), (1, 4), (1, 8)]
+    with pytest.raises(ValueError, match="output_stride"):
+        SmallDeepLab(7, output_stride=16)
+
+
+def test_small_backbone_loads_stem_and_context_only(tmp_path):
+    from nclib.models import SmallDeepLab
+
+    torch.manual_seed(0)
+    src = SmallDeepLab(7)
+    path = tmp_path / "model.pt"
+    torch.save({"model": src.state_dict()}, path)
+    torch.manual_seed(1)
+    ref = SmallDeepLab(7, output_stride=4)  # same seed, no backbone: the classifier it must keep
+    torch.manual_seed(1)
+    m = SmallDeepLab(7, output_stride=4, backbone=str(path))
+    for k, v in m.state_dict().items():
+        want = src.state_dict()[k] if k.startswith(("stem.", "context.")) else ref.state_dict()[k]
+        assert torch.equal(v, want), k
+    with pytest.raises(ValueError, match="not found"):
+        SmallDeepLab(7, backbone=str(tmp_path / "nope.pt"))
+    torch.save({"model": SmallDeepLab(7, width=16).state_dict()}, tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        SmallDeepLab(7, backbone=str(tmp_path / "narrow.pt"))

@@ -340,3 +340,24 @@ def test_proposal_config_and_missing_folder_are_named(tiny_root, tmp_path):
     with pytest.raises(ValueError, match=r"proposal folder not found: .*Proposals_kernelcut_ignore\. Make it with "
                                          r"`python -m nclib.data proposals --method kernelcut --root .* --unsure-ignore"):
         train(cfg, tmp_path / "out", progress=False)
+
+
+def test_densecrf_weight_adds_the_densecrf_loss_term():
+    from nclib import losses as L
+    from nclib.train import Config
+    from nclib.train.loop import loss_terms
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16)
+    images = torch.rand(2, 3, 16, 16) * 255
+    scrib = torch.full((2, 16, 16), 255, dtype=torch.long)
+    scrib[:, 4, 4:8] = 1
+    roi = torch.ones(2, 16, 16, dtype=torch.bool)
+    cfg = Config(densecrf_weight=0.25, sigma_rgb=15.0, sigma_xy=5.0, nc_scale=0.5)
+    terms = loss_terms(logits, images, scrib, scrib, roi, cfg)
+    want = 0.25 * L.densecrf_loss(torch.softmax(logits, 1), images, 15.0, 5.0, scale=0.5, roi=roi)
+    assert torch.allclose(terms["densecrf"], want, rtol=1e-6)
+    assert torch.allclose(terms["total"], terms["ce"] + terms["densecrf"])
+    assert "densecrf" not in loss_terms(logits, images, scrib, scrib, roi, Config())
+    with pytest.raises(ValueError, match="densecrf_weight"):
+        Config(densecrf_weight=-1.0).validate()

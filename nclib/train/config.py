@@ -58,6 +58,7 @@ class Config:
     nel_weight: float = 0.0
     nc_present_only: bool = False                  # beyond the paper: NC over the scribbled labels only
     kmeans_weight: float = 0.0
+    densecrf_weight: float = 0.0                   # beyond the paper: the authors' follow-up DenseCRF loss
     sigma_rgb: float = 15.0
     sigma_xy: float = 100.0
     nc_scale: float = 1.0                          # NC computed at this resolution factor (sigma_xy scaled alike)
@@ -149,7 +150,7 @@ def _rename_legacy(d: Dict[str, Any]) -> Dict[str, Any]:
     return kw
 
 
-_FLOAT_FIELDS = ("ce_weight", "nc_weight", "nel_weight", "kmeans_weight", "sigma_rgb", "sigma_xy", "nc_scale", "lr",
+_FLOAT_FIELDS = ("ce_weight", "nc_weight", "nel_weight", "kmeans_weight", "densecrf_weight", "sigma_rgb", "sigma_xy", "nc_scale", "lr",
                  "lr_classifier_mult", "momentum", "weight_decay", "poly_power")
 
 
@@ -300,7 +301,7 @@ _RULES: Dict[str, Callable[[str, Any], None]] = {
     "proposal_dir": _proposal_dir, "crop": _int(1),
     "scale_range": _scales(2), "flip": _bool,
     "ce_weight": _float(0), "nc_weight": _float(0), "nel_weight": _float(0), "nc_present_only": _bool,
-    "kmeans_weight": _float(0), "sigma_rgb": _float(0, lo_open=True), "sigma_xy": _float(0, lo_open=True),
+    "kmeans_weight": _float(0), "densecrf_weight": _float(0), "sigma_rgb": _float(0, lo_open=True), "sigma_xy": _float(0, lo_open=True),
     "nc_scale": _float(0, 1, lo_open=True),
     "iterations": _int(1), "batch_size": _int(1), "lr": _float(0, lo_open=True),
     "lr_classifier_mult": _float(0, lo_open=True), "momentum": _float(0, 1, hi_open=True),

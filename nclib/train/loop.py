@@ -119,7 +119,7 @@ def loss_terms(logits: torch.Tensor, images: torch.Tensor, target: Optional[torc
     if cfg.ce_weight > 0:
         ce = torch.stack([L.partial_cross_entropy(logits[i:i + 1], target[i:i + 1]) for i in range(logits.shape[0])])
         terms["ce"] = cfg.ce_weight * ce.mean()
-    if cfg.nc_weight > 0 or cfg.nel_weight > 0 or cfg.kmeans_weight > 0:
+    if cfg.nc_weight > 0 or cfg.nel_weight > 0 or cfg.kmeans_weight > 0 or cfg.densecrf_weight > 0:
         probs = torch.softmax(logits, dim=1)
         if cfg.nc_weight > 0:
             terms["nc"] = cfg.nc_weight * nc_term(logits, probs, images, scribbles, roi, cfg)
@@ -127,6 +127,9 @@ def loss_terms(logits: torch.Tensor, images: torch.Tensor, target: Optional[torc
             terms["nel"] = cfg.nel_weight * L.nel_loss(probs, scribbles)
         if cfg.kmeans_weight > 0:  # crop padding is left out, or it would form a cluster of its own
             terms["kmeans"] = cfg.kmeans_weight * L.kmeans_loss(probs, images, roi=roi)
+        if cfg.densecrf_weight > 0:  # same kernel and resolution as the NC term
+            terms["densecrf"] = cfg.densecrf_weight * L.densecrf_loss(
+                probs, images, sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy, scale=cfg.nc_scale, roi=roi)
     if not terms:
         raise ValueError("every loss weight is 0: nothing to train")
     terms["total"] = sum(terms.values())
