@@ -24,9 +24,9 @@ YAML_HASHES = {
     "voc_vgg16_nc": "2480500b", "voc_vgg16_pce": "fbcc6b1c", "voc_vgg16_pce_more": "aa333733",
     "msra10k_kmeans": "8cfd5dbb", "msra10k_nc": "a60a2e33", "msra10k_saliency": "b6c9f41e",
     # Table 2: networks trained on proposal masks (2026-11-30)
-    "default_proposal_grabcut": "8bb8ea08", "default_proposal_grabcut_ignore": "742c0fb0",
-    "default_proposal_nc": "ad18035a", "default_proposal_nc_ignore": "e4476dd8",
-    "default_proposal_kernelcut": "86679dde", "default_proposal_kernelcut_ignore": "8d8449e2",
+    "default_proposal_grabcut": "60c9c640", "default_proposal_grabcut_ignore": "dab34342",
+    "default_proposal_nc": "cfe92c6b", "default_proposal_nc_ignore": "55d9bc19",
+    "default_proposal_kernelcut": "e9d83fe5", "default_proposal_kernelcut_ignore": "e2bc5513",
     "regime_full": "6ab2952e", "regime_nc": "56ecd287", "regime_pce": "43b5a2d8", "regime_pce_more": "1f9d3a46",
     "regime_pretrain": "2d832b7c",
 }
