@@ -2,7 +2,8 @@
 
 Build kinds (:data:`BUILD_KINDS`), each a separate extension module built by ``torch.utils.cpp_extension.load``:
 
-* ``"cpu"``: ``lattice_cpu.cpp`` for CPU tensors (``-march=native`` unless ``NCLIB_NATIVE=0``);
+* ``"cpu"``: ``lattice_cpu.cpp`` (with the NC loss's fused ``filter_sym``) and ``meanfield_cpu.cpp`` for CPU
+  tensors (``-march=native`` unless ``NCLIB_NATIVE=0``);
 * ``"cuda"``: ``lattice_cuda.cpp`` + ``lattice_cuda.cu`` through nvcc, for CUDA tensors;
 * ``"cuda-emulation"``: the very CUDA kernel code compiled as host C++ (``NCLIB_CUDA_EMULATE``) with the CPU
   kernel's flags, one host thread per launch, on CPU tensors: how tests and ``scripts/gpu_check.sh`` run the GPU
@@ -106,7 +107,7 @@ def _check_kind(kind: str) -> None:
 def _sources(kind: str) -> list[Path]:
     """The translation units of ``kind`` (the emulation compiles one generated file that includes both CUDA ones)."""
     if kind == "cpu":  # + torch.ops.nclib_both.filter_sym (NC loss) and torch.ops.nclib_meanfield.update (CRF)
-        return [_CSRC / "lattice_cpu.cpp", _CSRC / "lattice_both_cpu.cpp", _CSRC / "meanfield_cpu.cpp"]
+        return [_CSRC / "lattice_cpu.cpp", _CSRC / "meanfield_cpu.cpp"]
     return [_CSRC / "lattice_cuda.cpp", _CSRC / "lattice_cuda.cu"]
 
 

@@ -261,17 +261,21 @@ def test_import_nclib_without_fcntl():
 _PORTABLE_RUN = """
 import sys, torch
 from nclib import Permutohedral, rgbxy_features
+from nclib.lattice import to_pixel_major
 from nclib.photos import photo_tensor
 img = torch.cat([photo_tensor(n, crop=96) for n in ("astronaut", "coffee")])
 lat = Permutohedral(rgbxy_features(img, sigma_rgb=15.0, sigma_xy=20.0))
 v = torch.rand(2, 21, 96, 96, generator=torch.Generator().manual_seed(0))
-torch.save({"state": tuple(lat.state), "out": lat.filter(v), "outT": lat.filter(v, transpose=True)}, sys.argv[1])
+sym = lat.apply_symmetric_pixel_major(to_pixel_major(v))  # the NC loss's fused (L + L') v, with the degree
+torch.save({"state": tuple(lat.state), "out": lat.filter(v), "outT": lat.filter(v, transpose=True), "sym": sym,
+            "deg": lat.norm()}, sys.argv[1])
 """
 
 
 def test_portable_build_equals_native_build_bitwise(tmp_path):
     """The vectorised (-march=native, AVX-512 where present) and the portable build compute the same lattice and
-    the same filter output bit for bit: results do not depend on the machine's instruction set."""
+    the same filter outputs bit for bit (standard, adjoint, and the fused (L + L') v with its degree): results do
+    not depend on the machine's instruction set."""
     runs = {}
     for native in ("1", "0"):
         env = dict(os.environ, NCLIB_NATIVE=native, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
@@ -282,3 +286,4 @@ def test_portable_build_equals_native_build_bitwise(tmp_path):
     for x, y in zip(a["state"], b["state"]):
         assert torch.equal(x, y)
     assert torch.equal(a["out"], b["out"]) and torch.equal(a["outT"], b["outT"])
+    assert torch.equal(a["sym"], b["sym"]) and torch.equal(a["deg"], b["deg"])

@@ -193,6 +193,23 @@ def test_deterministic_across_threads(astro):
     assert torch.equal(one, two)
 
 
+def test_symmetric_filter_deterministic_across_threads(astro):
+    """The fused (L + L') v and its degree do not depend on the thread count (1 thread: one splat task per image;
+    3 threads: channel chunks), with a batch of two images."""
+    f = rgbxy_features(torch.cat([astro, astro.flip(-1)]), 15.0, 30.0)
+    v = torch.rand(f.shape[0] * f.shape[2] * f.shape[3], 21, generator=torch.Generator().manual_seed(1))
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            lat = Permutohedral(f)
+            runs.append((lat.apply_symmetric_pixel_major(v), lat.norm()))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_features_get_no_gradient(astro, device):
     f = rgbxy_features(astro.to(device), 15.0, 10.0).requires_grad_()
     v = torch.rand(1, 2, 64, 64, device=device, requires_grad=True)

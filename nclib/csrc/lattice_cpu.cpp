@@ -1,8 +1,10 @@
-// CPU permutohedral lattice: build (embed + hash + neighbours) and filter (splat, blur, slice).
+// CPU permutohedral lattice: build (embed + hash + neighbours) and filter (splat, blur, slice), and the fused
+// symmetric filter (L + L') v of the NC loss (torch.ops.nclib_both.filter_sym) from the same splat, blur and slice.
 // Parallel with ATen's primitives (at::parallel_for), so torch.set_num_threads governs it. Results do not depend
 // on the thread count: every sum is taken in a fixed order, and vertex ids are first-touch ids in pixel order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <chrono>
@@ -554,46 +556,29 @@ std::vector<std::pair<std::string, double>> profile() {
   return out;
 }
 
-// values (P, C) float32 -> alpha * S' B S values (transpose: blur axes in reverse order, the exact adjoint).
-torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary, torch::Tensor nbr,
-                     torch::Tensor csr_ptr, torch::Tensor csr_idx, bool transpose, int64_t batch) {
-  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == torch::kFloat32 && values.dim() == 2,
-              "lattice filter: values must be (P, C) float32 on the CPU");
-  values = values.contiguous();
-  const int64_t P = values.size(0);
-  const int64_t C = values.size(1);
-  const int d1 = static_cast<int>(vtx.size(1));
-  const int d = d1 - 1;
-  const int64_t V = nbr.size(0);
-  TORCH_CHECK(vtx.size(0) == P, "lattice filter: values have ", P, " pixels, the lattice ", vtx.size(0));
-  TORCH_CHECK(batch >= 1 && P % batch == 0, "lattice filter: P must be a multiple of the batch size");
+namespace {
 
-  const float* in = values.data_ptr<float>();
-  const float* bp = bary.data_ptr<float>();
-  const int32_t* vp = vtx.data_ptr<int32_t>();
-  const int32_t* np = nbr.data_ptr<int32_t>();
+// The three steps of the filter, shared by filter() and filter_sym(): one implementation of each.
 
-  torch::Tensor buf_a = torch::empty({V, C}, values.options());  // every column is written by the splat
-  torch::Tensor buf_b = torch::empty({V, C}, values.options());
-  float* a = buf_a.data_ptr<float>();
-  float* bb = buf_b.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-
-  // Splat: scatter in pixel order, so each sum has the same order whatever the thread count (deterministic).
-  // Tasks are (image, channel chunk) pairs: images own disjoint vertex ranges, and chunks split the channels
-  // only when there are fewer images than threads. Each task accumulates into a private buffer (no false
-  // sharing) and copies back the vertex rows of its image, the [min, max] of the ids it touched.
+// Splat: lat (V, C) = S values, scattered in pixel order, so each sum has the same order whatever the thread count
+// (deterministic). Tasks are (image, channel chunk) pairs: images own disjoint vertex ranges, and chunks split the
+// channels only when there are fewer images than threads. Each task accumulates into a private buffer (no false
+// sharing) and copies back the vertex rows of its image, the [min, max] of the ids it touched; every row of lat
+// is written. ones (V) zeroed, or null: also S 1 (the degree's splat, by the first chunk of each image: one pass).
+void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float* bp, int d1, int64_t V,
+           int64_t batch, float* lat, float* ones) {
   const int64_t n = P / batch;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (threads + batch - 1) / batch));
   const int64_t width = (C + chunks - 1) / chunks;
   const int64_t per_image = (C + width - 1) / width;
-  std::optional<PhaseTimer> timer(kSplat);
+  const float one = 1.0f;
   at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> acc;
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / per_image;
       const int64_t c0 = (task % per_image) * width, cw = std::min(width, C - c0);
+      float* deg = c0 == 0 ? ones : nullptr;  // images own disjoint vertex ranges: no other task writes them
       acc.assign(static_cast<size_t>(V) * cw, 0.f);
       int64_t vmin = V, vmax = -1;
       for (int64_t p = b * n; p < (b + 1) * n; ++p) {
@@ -604,25 +589,33 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
           vmax = std::max<int64_t>(vmax, ids[r]);
         }
         splat_pixel(in + p * C + c0, cw, ids, bp + p * d1, d1, acc.data(), cw);
+        if (deg != nullptr) splat_pixel(&one, 1, ids, bp + p * d1, d1, deg, 1);
       }
       for (int64_t v = vmin; v <= vmax; ++v) {
-        std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, a + v * C + c0);
+        std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, lat + v * C + c0);
       }
     }
   });
+}
 
-  // Blur with [1/2, 1, 1/2] along each axis; absent neighbours hold 0. A lattice of up to 2^20 values is blurred
-  // on the calling thread: D+1 thread wake-ups would cost more than the work (and far more on a busy machine).
-  timer.emplace(kBlur);
-  const int64_t blur_grain = V * C <= (int64_t(1) << 20) ? std::max<int64_t>(V, 1) : grain;
+// Rows of up to 2^20 values in all are processed on the calling thread: D+1 thread wake-ups would cost more
+// than the work (and far more on a busy machine).
+int64_t row_grain(int64_t V, int64_t C) {
+  return V * C <= (int64_t(1) << 20) ? std::max<int64_t>(V, 1) : std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+}
+
+// Blur lat (V, C) with [1/2, 1, 1/2] along each axis (transpose: in reverse axis order, the exact adjoint);
+// absent neighbours hold 0. Ping-pongs between lat and tmp; returns the buffer holding the result.
+float* blur(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C, int d1, bool transpose) {
+  const int64_t grain = row_grain(V, C);
   for (int step = 0; step < d1; ++step) {
-    const int ax = transpose ? d - step : step;
-    at::parallel_for(0, V, blur_grain, [&](int64_t lo, int64_t hi) {
+    const int ax = transpose ? d1 - 1 - step : step;
+    at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t v = lo; v < hi; ++v) {
         const int32_t n0 = np[(v * d1 + ax) * 2];
         const int32_t n1 = np[(v * d1 + ax) * 2 + 1];
         const float* self = a + v * C;
-        float* dst = bb + v * C;
+        float* dst = tmp + v * C;
         if (n0 >= 0 && n1 >= 0) {
           const float* x0 = a + static_cast<int64_t>(n0) * C;
           const float* x1 = a + static_cast<int64_t>(n1) * C;
@@ -635,19 +628,91 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
         }
       }
     });
-    std::swap(a, bb);
+    std::swap(a, tmp);
   }
+  return a;
+}
 
-  // Slice with the same barycentric weights.
+// Slice: out (P, C) = alpha S' lat with the splat's barycentric weights; deg (P) = alpha S' lat_deg when given.
+void slice(float* out, int64_t P, int64_t C, const int32_t* vp, const float* bp, int d1, const float* lat,
+           float* deg, const float* lat_deg) {
+  const float alpha = lattice_alpha(d1 - 1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      slice_pixel(out + p * C, C, vp + p * d1, bp + p * d1, d1, alpha, lat);
+      if (deg != nullptr) slice_pixel(deg + p, 1, vp + p * d1, bp + p * d1, d1, alpha, lat_deg);
+    }
+  });
+}
+
+void check_values(const torch::Tensor& values, const torch::Tensor& vtx, int64_t batch, const char* op) {
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == torch::kFloat32 && values.dim() == 2, op,
+              ": values must be (P, C) float32 on the CPU");
+  TORCH_CHECK(vtx.size(0) == values.size(0), op, ": values have ", values.size(0), " pixels, the lattice ",
+              vtx.size(0));
+  TORCH_CHECK(batch >= 1 && values.size(0) % batch == 0, op, ": P must be a multiple of the batch size");
+}
+
+}  // namespace
+
+// values (P, C) float32 -> alpha * S' B S values (transpose: blur axes in reverse order, the exact adjoint).
+torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary, torch::Tensor nbr,
+                     torch::Tensor csr_ptr, torch::Tensor csr_idx, bool transpose, int64_t batch) {
+  check_values(values, vtx, batch, "lattice filter");
+  values = values.contiguous();
+  const int64_t P = values.size(0), C = values.size(1), V = nbr.size(0);
+  const int d1 = static_cast<int>(vtx.size(1));
+  const int32_t* vp = vtx.data_ptr<int32_t>();
+  const float* bp = bary.data_ptr<float>();
+  torch::Tensor bufs = torch::empty({2, V, C}, values.options());  // every row is written by the splat
+  float* a = bufs[0].data_ptr<float>();
+  std::optional<PhaseTimer> timer(kSplat);
+  splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, a, nullptr);
+  timer.emplace(kBlur);
+  const float* lat = blur(a, bufs[1].data_ptr<float>(), nbr.data_ptr<int32_t>(), V, C, d1, transpose);
   timer.emplace(kSlice);
   torch::Tensor out = torch::empty({P, C}, values.options());
-  float* op = out.data_ptr<float>();
-  const float alpha = lattice_alpha(d);
-  at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) slice_pixel(op + p * C, C, vp + p * d1, bp + p * d1, d1, alpha, a);
-  });
-  timer.reset();
+  slice(out.data_ptr<float>(), P, C, vp, bp, d1, lat, nullptr, nullptr);
   return out;
+}
+
+// (L + L') values, L = alpha S' B S and L' = alpha S' B' S (the NC loss needs (L + L') S for its gradient and
+// S'(L + L')S / 2 = S'LS for its value): the two differ only in the order of the blur axes, so one splat serves
+// both blurs and, the slice being linear, one slice of the blurred sum serves both. Same routines as filter(), so
+// the output equals filter(v) + filter(v, transpose) to float rounding. with_norm: also the degree L 1 as (P, 1),
+// bitwise filter(ones) (its own channel: same splat order, forward blur, slice); else an empty (0, 1) tensor.
+std::vector<torch::Tensor> filter_sym(const torch::Tensor& values_in, const torch::Tensor& vtx,
+                                      const torch::Tensor& bary, const torch::Tensor& nbr, int64_t batch,
+                                      bool with_norm) {
+  check_values(values_in, vtx, batch, "filter_sym");
+  const torch::Tensor values = values_in.contiguous();
+  const int64_t P = values.size(0), C = values.size(1), V = nbr.size(0);
+  const int d1 = static_cast<int>(vtx.size(1));
+  const int32_t* vp = vtx.data_ptr<int32_t>();
+  const int32_t* np = nbr.data_ptr<int32_t>();
+  const float* bp = bary.data_ptr<float>();
+  torch::Tensor bufs = torch::empty({4, V, C}, values.options());  // splat + copy, and a ping-pong buffer each
+  float* fwd = bufs[0].data_ptr<float>();
+  float* rev = bufs[2].data_ptr<float>();
+  torch::Tensor nbufs = torch::zeros({with_norm ? 2 : 0, V}, values.options());
+  float* ones = with_norm ? nbufs[0].data_ptr<float>() : nullptr;
+
+  std::optional<PhaseTimer> timer(kSplat);
+  splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, fwd, ones);
+  timer.emplace(kBlur);
+  std::copy(fwd, fwd + V * C, rev);
+  float* a = blur(fwd, bufs[1].data_ptr<float>(), np, V, C, d1, false);
+  const float* t = blur(rev, bufs[3].data_ptr<float>(), np, V, C, d1, true);
+  const float* deg_lat = with_norm ? blur(ones, nbufs[1].data_ptr<float>(), np, V, 1, d1, false) : nullptr;
+  at::parallel_for(0, V, row_grain(V, C), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo * C; i < hi * C; ++i) a[i] += t[i];
+  });
+  timer.emplace(kSlice);
+  torch::Tensor out = torch::empty({P, C}, values.options());
+  torch::Tensor norm = torch::empty({with_norm ? P : 0, 1}, values.options());
+  slice(out.data_ptr<float>(), P, C, vp, bp, d1, a, with_norm ? norm.data_ptr<float>() : nullptr, deg_lat);
+  return {out, norm};
 }
 
 }  // namespace nclib
@@ -657,4 +722,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build", &nclib::build, "Build the lattice for a batch of (P, D) features");
   m.def("filter", &nclib::filter, "Splat, blur and slice (P, C) values; transpose=True applies the adjoint");
   m.def("profile", &nclib::profile, "Wall-clock ms of each phase of the last build and filter in this process");
+}
+
+// The NC loss's fused operator, as a torch op (nclib/lattice.py calls torch.ops.nclib_both.filter_sym).
+TORCH_LIBRARY_FRAGMENT(nclib_both, m) {
+  m.def("filter_sym(Tensor values, Tensor vtx, Tensor bary, Tensor nbr, int batch, bool with_norm) -> Tensor[]",
+        &nclib::filter_sym);
 }
