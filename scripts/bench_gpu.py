@@ -75,14 +75,11 @@ def timer(dev: torch.device) -> Callable[[Callable[[], object], int, int], float
         return statistics.median(times)
 
     def cpu_ms(fn, runs: int, warmup: int = 1) -> float:
-        for _ in range(warmup):
+        from benchutil import median_ms  # scripts/ is on sys.path when this file runs
+
+        for _ in range(warmup - 1):  # median_ms makes the last warm-up call itself
             fn()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, runs)
 
     return cuda_ms if dev.type == "cuda" else cpu_ms
 
