@@ -138,6 +138,16 @@ def test_init_checkpoint_of_other_model_args_is_named(tiny_root, finished, tmp_p
               progress=False)
 
 
+def test_init_checkpoint_compares_architecture_not_the_backbone_file():
+    """A stage 2 needs the stage-1 network, not the file its backbone first came from (the regime's stage 2)."""
+    from nclib.train.checkpoint import check_compatible
+
+    ck = {"model_name": "small", "num_classes": 7, "config": {"model_args": {"output_stride": 4, "backbone": "pre.pt"}}}
+    check_compatible(ck, "small", 7, "s1.pt", {"output_stride": 4})  # the same network: accepted
+    with pytest.raises(ValueError, match="output_stride"):
+        check_compatible(ck, "small", 7, "s1.pt", {"output_stride": 8, "backbone": "pre.pt"})
+
+
 # ---- 2: Ctrl-C at a random point resumes exactly ------------------------------------------------------------------
 def interrupt_at(where: str, nth: int, monkeypatch):
     """Arrange a SIGINT at the ``nth`` call of one place of an iteration: a sample's loading, the dropout layer's

@@ -132,9 +132,18 @@ def check_compatible(ckpt: Dict[str, Any], model_name: str, num_classes: int, pa
             f"{model_name!r} with {num_classes} classes"
         )
     theirs = dict(ckpt["config"].get("model_args") or {}) if isinstance(ckpt.get("config"), dict) else {}
-    if model_args is not None and theirs != dict(model_args):
+    if model_args is not None and _architecture(theirs) != _architecture(model_args):
         raise ValueError(f"checkpoint {path} holds a {model_name!r} built with model_args {theirs}, but the config "
                          f"asks for model_args {dict(model_args)}")
+
+
+# model_args that only say where the first weights come from, not what the network is: a stage 2 that starts
+# from a stage-1 checkpoint has no use for the stage-1 backbone file.
+INIT_ONLY_MODEL_ARGS = ("backbone",)
+
+
+def _architecture(model_args: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in dict(model_args).items() if k not in INIT_ONLY_MODEL_ARGS}
 
 
 def load_weights(model: nn.Module, ckpt: Dict[str, Any], path: Union[str, Path]) -> None:
