@@ -472,7 +472,12 @@ def test_small_backbone_loads_stem_and_context_only(tmp_path):
     torch.manual_seed(0)
     src = SmallDeepLab(7)
     path = tmp_path / "model.pt"
-    torch.save({"model": src.state_dict()}, path)
+
+    def save(model, to):  # a training checkpoint as nclib.train writes it
+        torch.save({"model": model.state_dict(), "config": {}, "model_name": "small", "num_classes": 7,
+                    "iteration": 1}, to)
+
+    save(src, path)
     torch.manual_seed(1)
     ref = SmallDeepLab(7, output_stride=4)  # same seed, no backbone: the classifier it must keep
     torch.manual_seed(1)
@@ -482,6 +487,6 @@ def test_small_backbone_loads_stem_and_context_only(tmp_path):
         assert torch.equal(v, want), k
     with pytest.raises(ValueError, match="not found"):
         SmallDeepLab(7, backbone=str(tmp_path / "nope.pt"))
-    torch.save({"model": SmallDeepLab(7, width=16).state_dict()}, tmp_path / "narrow.pt")
+    save(SmallDeepLab(7, width=16), tmp_path / "narrow.pt")
     with pytest.raises(ValueError, match="does not fit"):
         SmallDeepLab(7, backbone=str(tmp_path / "narrow.pt"))
