@@ -199,29 +199,28 @@ class Permutohedral:
         """(B,) int64 occupied vertices of each image."""
         return self.state.vertices_per_image
 
+    def _pixel_major_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Contiguous ``values`` after the shape / dtype check of the pixel-major entry points."""
+        pixels = self.state.vertex_ids.shape[0]
+        if values.dim() != 2 or values.shape[0] != pixels or values.dtype != torch.float32:
+            raise ValueError(
+                f"values must be float32 (B*H*W, C) = ({pixels}, C), got {values.dtype} {tuple(values.shape)}"
+            )
+        return values.contiguous()
+
     def apply_pixel_major(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """The raw operator on pixel-major values (B*H*W, C) float32 -> (B*H*W, C): no autograd, shape check only.
 
         For inner loops (mean-field iterations) that keep their state in the kernels' layout; see
         :func:`to_pixel_major`.
         """
-        pixels = self.state.vertex_ids.shape[0]
-        if values.dim() != 2 or values.shape[0] != pixels or values.dtype != torch.float32:
-            raise ValueError(
-                f"values must be float32 (B*H*W, C) = ({pixels}, C), got {values.dtype} {tuple(values.shape)}"
-            )
-        return self._apply(values.contiguous(), transpose)
+        return self._apply(self._pixel_major_values(values), transpose)
 
     def apply_symmetric_pixel_major(self, values: torch.Tensor) -> torch.Tensor:
         """``(L + L') v``, twice the symmetric part of the operator, on pixel-major (B*H*W, C) float32 values, no
         autograd: one splat, two blurs (one per axis order) and one slice on the ``"cpu"`` build (which also
         computes and caches :meth:`norm` if not done yet), two filter calls elsewhere."""
-        pixels = self.state.vertex_ids.shape[0]
-        if values.dim() != 2 or values.shape[0] != pixels or values.dtype != torch.float32:
-            raise ValueError(
-                f"values must be float32 (B*H*W, C) = ({pixels}, C), got {values.dtype} {tuple(values.shape)}"
-            )
-        values = values.contiguous()
+        values = self._pixel_major_values(values)
         if self.kind == "cpu":
             _ext.load("cpu")  # registers torch.ops.nclib_both
             s = self.state
