@@ -121,7 +121,16 @@ def cxx_flags(kind: str) -> list[str]:
     flags = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
     if kind != "cuda" and os.environ.get("NCLIB_NATIVE", "1") == "1":
         flags.append("-march=native")  # JIT-built on the machine that runs it; NCLIB_NATIVE=0 opts out
-    return flags
+    return flags + openmp_flags()
+
+
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch's CPU parallel backend is OpenMP: ``at::parallel_for`` is a header template whose
+    ``#pragma omp parallel`` an extension compiled without it ignores, so every kernel ran on one thread. The
+    extension then shares torch's OpenMP runtime (the same ``libgomp.so.1`` soname) and its thread count."""
+    import torch
+
+    return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 
 
 def cuda_flags() -> list[str]:
@@ -299,6 +308,7 @@ def _build(kind: str, name: str, build_dir: Path) -> ModuleType:
         sources=sources,
         extra_cflags=cxx_flags(kind),
         extra_cuda_cflags=cuda_flags() if kind == "cuda" else None,
+        extra_ldflags=openmp_flags(),
         extra_include_paths=[str(_CSRC)],
         build_directory=str(build_dir),
         verbose=os.environ.get("NCLIB_VERBOSE_BUILD") == "1",
