@@ -143,3 +143,35 @@ def test_bad_tensors():
         dense_crf(p, img[..., :8])
     with pytest.raises(ValueError, match="NaN"):
         dense_crf(p, img * float("nan"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_cpu_update_matches_softmax_formula(threads):
+    """The CPU build's one-pass mean-field update (vectorised exp, blocked rows) against the formula in float64:
+    ``out_i = pre_i * softmax(unary + sum_j post_j * filtered_j)``, including rows far below exp's range, rows
+    that overflow without the max subtraction, K not a multiple of the vector width, and a partial last block."""
+    from nclib import _ext
+
+    _ext.load("cpu")
+    g = torch.Generator().manual_seed(0)
+    p, k = 1000 + 37, 21
+    unary = torch.log(torch.rand(p, k, generator=g).clamp_min(1e-5))
+    unary[:5] -= 300.0  # exp(-300) underflows float32: the max subtraction must keep the row
+    filtered = [torch.rand(p, k, generator=g) * 40, torch.rand(p, k, generator=g)]
+    post = [torch.rand(p, 1, generator=g) * 5, torch.rand(p, 1, generator=g)]  # messages up to ~200: exp overflows
+    pre = [torch.rand(p, 1, generator=g), torch.ones(p, 1)]
+    out = [torch.empty(p, k), torch.empty(p, k)]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        torch.ops.nclib_meanfield.update(unary, filtered, post, pre, out)
+    finally:
+        torch.set_num_threads(old)
+    m = unary.clone()  # the message in float32 as the kernel sums it; its rounding (~1e-5 at 200) is not the
+    for po, f in zip(post, filtered):  # update's error, so the softmax of it is taken in float64
+        m = m + po * f
+    q = m.double().softmax(1)
+    for pr, o in zip(pre, out):
+        ref = pr.double() * q
+        assert torch.isfinite(o).all()
+        assert float((o.double() - ref).abs().max()) <= 5e-7 * float(ref.abs().max())

@@ -19,10 +19,13 @@ namespace {
 
 // exp(x) for x <= 0 to ~2 ulp, branch-free so that the compiler vectorises the loop around it: x = n ln2 + r
 // (ln2 split in two for an exact reduction), e^r by its degree-6 Taylor-minimax polynomial on |r| <= ln2 / 2,
-// 2^n built in the exponent bits. Below -87 (the float32 normal range) the result is 2^-126-ish, not 0.
+// 2^n built in the exponent bits. n = round(x / ln2) by the 1.5 * 2^23 shifter, not std::floor (GCC vectorises
+// floor only under -fno-trapping-math). Below -87 (the float32 normal range) the result is 2^-126-ish, not 0.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const float shifted = x * 1.44269504088896341f + kShifter;
+  const float n = shifted - kShifter;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -31,10 +34,28 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = (r * r) * p + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return e * scale;
+  const int32_t bits = (__builtin_bit_cast(int32_t, shifted) - 0x4B400000 + 127) << 23;  // 2^n
+  return e * __builtin_bit_cast(float, bits);  // not memcpy: GCC does not vectorise a loop around that
+}
+
+// The max and the sum of a short row (K = 21 labels) in four independent chains: one chain is bound by the
+// add/max latency, and the compiler may not reassociate float sums by itself.
+inline float row_max(const float* v, int64_t K) {
+  float a[4] = {v[0], v[0], v[0], v[0]};
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4)
+    for (int l = 0; l < 4; ++l) a[l] = std::max(a[l], v[k + l]);
+  for (; k < K; ++k) a[0] = std::max(a[0], v[k]);
+  return std::max(std::max(a[0], a[1]), std::max(a[2], a[3]));
+}
+
+inline float row_sum(const float* v, int64_t K) {
+  float a[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4)
+    for (int l = 0; l < 4; ++l) a[l] += v[k + l];
+  for (; k < K; ++k) a[0] += v[k];
+  return (a[0] + a[1]) + (a[2] + a[3]);
 }
 
 void update(const at::Tensor& unary, at::TensorList filtered, at::TensorList post, at::TensorList pre,
@@ -64,29 +85,34 @@ void update(const at::Tensor& unary, at::TensorList filtered, at::TensorList pos
     o[i] = out[i].data_ptr<float>();
   }
   const float* u = unary.data_ptr<float>();
-  at::parallel_for(0, P, 2048, [&](int64_t lo, int64_t hi) {
-    std::vector<float> m(static_cast<size_t>(K));
-    for (int64_t p = lo; p < hi; ++p) {
-      const float* up = u + p * K;
-      float* mp = m.data();
-      for (int64_t k = 0; k < K; ++k) mp[k] = up[k];
+  // Blocks of kBlock pixels: every step but the per-pixel max and sum is a flat loop over the block's
+  // kBlock * K contiguous values, which the compiler vectorises (a loop over K = 21 alone does not).
+  constexpr int64_t kBlock = 64;
+  at::parallel_for(0, (P + kBlock - 1) / kBlock, 16, [&](int64_t blo, int64_t bhi) {
+    std::vector<float> buf(static_cast<size_t>(kBlock * K)), row(static_cast<size_t>(kBlock));
+    float* m = buf.data();
+    float* r = row.data();
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t p0 = blk * kBlock, np = std::min(kBlock, P - p0), n = np * K;
+      std::memcpy(m, u + p0 * K, sizeof(float) * n);
       for (size_t j = 0; j < J; ++j) {
-        const float w = po[j][p];
-        const float* fp = f[j] + p * K;
-        for (int64_t k = 0; k < K; ++k) mp[k] += w * fp[k];
+        const float* fp = f[j] + p0 * K;
+        const float* w = po[j] + p0;
+        for (int64_t i = 0; i < np; ++i)
+          for (int64_t k = 0; k < K; ++k) m[i * K + k] += w[i] * fp[i * K + k];
       }
-      float mx = mp[0];
-      for (int64_t k = 1; k < K; ++k) mx = std::max(mx, mp[k]);
-      float total = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        mp[k] = exp_nonpositive(mp[k] - mx);
-        total += mp[k];
-      }
-      const float inv = 1.0f / total;  // >= 1 term is exp(0) = 1
-      for (size_t i = 0; i < o.size(); ++i) {
-        const float s = inv * pr[i][p];
-        float* op = o[i] + p * K;
-        for (int64_t k = 0; k < K; ++k) op[k] = mp[k] * s;
+      for (int64_t i = 0; i < np; ++i) r[i] = row_max(m + i * K, K);  // subtracted: exp never overflows
+      for (int64_t i = 0; i < np; ++i)
+        for (int64_t k = 0; k < K; ++k) m[i * K + k] -= r[i];
+      for (int64_t e = 0; e < n; ++e) m[e] = exp_nonpositive(m[e]);
+      for (int64_t i = 0; i < np; ++i) r[i] = 1.0f / row_sum(m + i * K, K);  // >= 1 term is exp(0) = 1
+      for (size_t o_i = 0; o_i < o.size(); ++o_i) {
+        const float* pre_p = pr[o_i] + p0;
+        float* op = o[o_i] + p0 * K;
+        for (int64_t i = 0; i < np; ++i) {
+          const float s = r[i] * pre_p[i];
+          for (int64_t k = 0; k < K; ++k) op[i * K + k] = m[i * K + k] * s;
+        }
       }
     }
   });
