@@ -363,10 +363,17 @@ def build_lattice(kind: str, features_pm: torch.Tensor, roi: Optional[torch.Tens
     return LatticeState(*kernel.build(features_pm, roi, int(batch)))
 
 
-def apply_lattice(kind: str, state: LatticeState, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Splat, blur and slice ``values_pm`` (P, C) contiguous float32 on ``state``; ``transpose``: the exact adjoint."""
+def apply_lattice(kind: str, state: LatticeState, values: torch.Tensor, transpose: bool,
+                  channel_major: bool = False) -> torch.Tensor:
+    """Splat, blur and slice ``values`` (P, C) contiguous float32 on ``state``; ``transpose``: the exact adjoint.
+
+    ``channel_major`` (``"cpu"`` build only): ``values`` and the result are (B, C, H*W) (NCHW memory) instead.
+    """
     s = state
-    return load(kind).filter(
-        values_pm, s.vertex_ids, s.barycentric, s.neighbors, s.splat_ptr, s.splat_entries, bool(transpose),
-        int(s.vertices_per_image.shape[0]),
-    )
+    args = (values, s.vertex_ids, s.barycentric, s.neighbors, s.splat_ptr, s.splat_entries, bool(transpose),
+            int(s.vertices_per_image.shape[0]))
+    if channel_major:
+        if kind != "cpu":
+            raise ValueError(f"channel_major values need the 'cpu' build, not {kind!r}")
+        return load(kind).filter(*args, True)
+    return load(kind).filter(*args)

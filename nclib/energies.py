@@ -33,7 +33,7 @@ from ._checks import (
     check_roi,
     check_tensor,
 )
-from .lattice import Permutohedral, exact_gaussian_filter, from_pixel_major, rgbxy_features, to_pixel_major
+from .lattice import Permutohedral, exact_gaussian_filter, rgbxy_features
 
 __all__ = [
     "Filter",
@@ -146,24 +146,25 @@ def _with_present(s: torch.Tensor, present: Optional[torch.Tensor], nc: Callable
 
 
 class _LatticeNC(torch.autograd.Function):
-    """NC of Eq. 6 on a lattice ``L`` and its Eq. 8 backward with ``W = (L + L') / 2``, in pixel-major layout.
+    """NC of Eq. 6 on a lattice ``L`` and its Eq. 8 backward with ``W = (L + L') / 2``, on (B, K, N) memory.
 
-    Forward: one transpose of S to (B, N, K), ``2 W S = (L + L') S`` (one splat on the CPU build), then per class
-    ``vol = d'S`` and ``assoc = S'WS = S'LS`` as diagonals of small matrix products (no (B, K, H, W)
-    temporaries). Saved for the backward: ``2 W S``, ``d``, vol and assoc, so the backward runs no filter and
-    builds no graph: one transpose and two elementwise passes. The same computation with or without a gradient,
-    so both give the same value.
+    Forward: ``2 W S = (L + L') S`` (one splat on the CPU build, which reads and writes NCHW itself), then per class
+    ``vol = d'S`` (a batched product) and ``assoc = S'WS = S'LS`` (a row dot product), no (B, K, H, W) temporaries
+    in autograd. Saved for the backward: ``2 W S``, ``d``, vol and assoc, so the backward runs no filter and
+    builds no graph: two elementwise passes. The same computation with or without a gradient, so both give the
+    same value.
     """
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, lattice: Permutohedral) -> torch.Tensor:
         b, k, h, w = s.shape
         n = h * w
-        sp = to_pixel_major(s.detach()).view(b, n, k)  # a 2-D transpose per image
-        ws = lattice.apply_symmetric_pixel_major(sp.view(b * n, k)).view(b, n, k)  # 2 W S = (L + L') S
+        sf = s.detach().to(torch.float32).contiguous()
+        ws = lattice.apply_symmetric(sf).view(b, k, n)  # 2 W S = (L + L') S
+        sf = sf.view(b, k, n)
         d = lattice.norm().reshape(b, n, 1)  # a view: the norm is stored pixel-major
-        vol = torch.bmm(d.transpose(1, 2), sp)[:, 0]  # (B, K)
-        assoc = torch.bmm(sp.transpose(1, 2), ws).diagonal(dim1=1, dim2=2) * 0.5  # (B, K): S_k'W S_k = S_k'L S_k
+        vol = torch.bmm(sf, d)[..., 0]  # (B, K)
+        assoc = torch.linalg.vecdot(sf, ws) * 0.5  # (B, K): S_k'W S_k = S_k'L S_k
         ctx.save_for_backward(ws, d, vol, assoc)
         ctx.shape, ctx.dtype = (b, k, h, w), s.dtype
         return _ratio_sum(vol - assoc, vol).to(s.dtype)
@@ -177,8 +178,8 @@ class _LatticeNC(torch.autograd.Function):
         zero = torch.zeros_like(vol)
         a = torch.where(vol > 0, go * assoc / safe.square(), zero)  # (B, K): coefficient of d
         c = torch.where(vol > 0, -go / safe, zero)  # (B, K): coefficient of 2 W S_k
-        grad = from_pixel_major(ws2, ctx.shape).view(b, k, h * w)
-        grad.mul_(c[:, :, None]).addcmul_(a[:, :, None], d.view(b, 1, h * w))  # Eq. 8
+        grad = ws2 * c[:, :, None]
+        grad.addcmul_(a[:, :, None], d.view(b, 1, h * w))  # Eq. 8
         return grad.view(b, k, h, w).to(ctx.dtype), None
 
 
@@ -189,7 +190,7 @@ def normalized_cut_lattice(
 
     Same value (to float rounding) and the same gradient as autograd through the lattice, i.e. Eq. 8 with the
     symmetric part ``(L + L') / 2`` of the lattice operator, computed in closed form: the forward filters S once
-    with ``L + L'`` (:meth:`nclib.lattice.Permutohedral.apply_symmetric_pixel_major`), the backward is
+    with ``L + L'`` (:meth:`nclib.lattice.Permutohedral.apply_symmetric`), the backward is
     elementwise. ``s`` (B, K, H, W) matches
     the lattice's batch and size; pixels outside the lattice's roi must be 0 in ``s``. ``present``: as in
     :func:`normalized_cut`.

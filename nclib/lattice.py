@@ -132,13 +132,15 @@ class _LatticeFilter(torch.autograd.Function):
     """``out = L v`` with the lattice operator L; the backward applies L^T (blur axes in reverse order)."""
 
     @staticmethod
-    def forward(ctx, values_pm: torch.Tensor, lattice: "Permutohedral", transpose: bool) -> torch.Tensor:
-        ctx.lattice, ctx.transpose = lattice, transpose
-        return lattice._apply(values_pm, transpose)
+    def forward(ctx, values: torch.Tensor, lattice: "Permutohedral", transpose: bool,
+                channel_major: bool) -> torch.Tensor:
+        ctx.lattice, ctx.transpose, ctx.channel_major = lattice, transpose, channel_major
+        return lattice._apply(values, transpose, channel_major)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return _LatticeFilter.apply(grad_out.contiguous(), ctx.lattice, not ctx.transpose), None, None
+        grad = _LatticeFilter.apply(grad_out.contiguous(), ctx.lattice, not ctx.transpose, ctx.channel_major)
+        return grad, None, None, None
 
 
 class Permutohedral:
@@ -216,24 +218,30 @@ class Permutohedral:
         """
         return self._apply(self._pixel_major_values(values), transpose)
 
-    def apply_symmetric_pixel_major(self, values: torch.Tensor) -> torch.Tensor:
-        """``(L + L') v``, twice the symmetric part of the operator, on pixel-major (B*H*W, C) float32 values, no
-        autograd: one splat, two blurs (one per axis order) and one slice on the ``"cpu"`` build (which also
-        computes and caches :meth:`norm` if not done yet), two filter calls elsewhere."""
-        values = self._pixel_major_values(values)
+    def apply_symmetric(self, values: torch.Tensor) -> torch.Tensor:
+        """``(L + L') v``, twice the symmetric part of the operator, on (B, C, H, W) float32 values -> (B, C, H, W)
+        float32, no autograd, shape check only. On the ``"cpu"`` build: one splat, two blurs (one per axis order)
+        and one slice, straight from and into NCHW memory (and :meth:`norm` with the same splat if not cached);
+        elsewhere two filter calls."""
+        b, _, h, w = self.shape
+        if values.dim() != 4 or values.shape[0] != b or tuple(values.shape[-2:]) != (h, w) \
+                or values.dtype != torch.float32:
+            raise ValueError(f"values must be float32 (B, C, H, W) with B, H, W = {(b, h, w)}, got {values.dtype} "
+                             f"{tuple(values.shape)}")
+        c = values.shape[1]
         if self.kind == "cpu":
             _ext.load("cpu")  # registers torch.ops.nclib_both
-            s = self.state
-            out, norm = torch.ops.nclib_both.filter_sym(values, s.vertex_ids, s.barycentric, s.neighbors,
-                                                        int(self.shape[0]), self._norm is None)
+            st = self.state
+            out, norm = torch.ops.nclib_both.filter_sym(values.contiguous().view(b, c, h * w), st.vertex_ids,
+                                                        st.barycentric, st.neighbors, b, self._norm is None, True)
             if self._norm is None:  # the degree came with the same splat: cache it for norm()
-                b, _, h, w = self.shape
                 self._norm = norm.reshape(b, h, w, 1).permute(0, 3, 1, 2)
-            return out
-        return self._apply(values, False).add_(self._apply(values, True))
+            return out.view(b, c, h, w)
+        pm = to_pixel_major(values)
+        return from_pixel_major(self._apply(pm, False).add_(self._apply(pm, True)), (b, c, h, w))
 
-    def _apply(self, values_pm: torch.Tensor, transpose: bool) -> torch.Tensor:
-        return _ext.apply_lattice(self.kind, self.state, values_pm, transpose)
+    def _apply(self, values: torch.Tensor, transpose: bool, channel_major: bool = False) -> torch.Tensor:
+        return _ext.apply_lattice(self.kind, self.state, values, transpose, channel_major)
 
     def _check_values(self, values: torch.Tensor) -> None:
         check_rank("values", values, 4, "(B, C, H, W)")
@@ -267,8 +275,13 @@ class Permutohedral:
         """
         self._check_values(values)
         b, c, h, w = values.shape
-        pm = to_pixel_major(values)  # pixels outside the roi have no vertices: they neither splat nor slice
-        out = _LatticeFilter.apply(pm, self, transpose).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        # pixels outside the roi have no vertices: they neither splat nor slice (their output is 0)
+        if self.kind == "cpu":  # the CPU kernel reads and writes NCHW itself: no transposes
+            cm = values.to(torch.float32).contiguous().view(b, c, h * w)
+            out = _LatticeFilter.apply(cm, self, transpose, True).view(b, c, h, w)
+        else:
+            pm = to_pixel_major(values)
+            out = _LatticeFilter.apply(pm, self, transpose, False).reshape(b, h, w, c).permute(0, 3, 1, 2)
         if normalize:
             n = self.norm()
             out = torch.where(n > 0, out / n.clamp_min(1e-30), torch.zeros_like(out))

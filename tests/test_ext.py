@@ -261,12 +261,11 @@ def test_import_nclib_without_fcntl():
 _PORTABLE_RUN = """
 import sys, torch
 from nclib import Permutohedral, rgbxy_features
-from nclib.lattice import to_pixel_major
 from nclib.photos import photo_tensor
 img = torch.cat([photo_tensor(n, crop=96) for n in ("astronaut", "coffee")])
 lat = Permutohedral(rgbxy_features(img, sigma_rgb=15.0, sigma_xy=20.0))
 v = torch.rand(2, 21, 96, 96, generator=torch.Generator().manual_seed(0))
-sym = lat.apply_symmetric_pixel_major(to_pixel_major(v))  # the NC loss's fused (L + L') v, with the degree
+sym = lat.apply_symmetric(v)  # the NC loss's fused (L + L') v, with the degree
 torch.save({"state": tuple(lat.state), "out": lat.filter(v), "outT": lat.filter(v, transpose=True), "sym": sym,
             "deg": lat.norm()}, sys.argv[1])
 """

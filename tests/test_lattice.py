@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nclib import Permutohedral, exact_gaussian_filter, gaussian_filter, rgbxy_features, xy_features
-from nclib.lattice import LatticeState, relative_rms_error
+from nclib.lattice import LatticeState, from_pixel_major, relative_rms_error, to_pixel_major
 from nclib.photos import BUNDLED as PHOTOS
 from nclib.photos import photo_tensor
 
@@ -197,14 +197,14 @@ def test_symmetric_filter_deterministic_across_threads(astro):
     """The fused (L + L') v and its degree do not depend on the thread count (1 thread: one splat task per image;
     3 threads: channel chunks), with a batch of two images."""
     f = rgbxy_features(torch.cat([astro, astro.flip(-1)]), 15.0, 30.0)
-    v = torch.rand(f.shape[0] * f.shape[2] * f.shape[3], 21, generator=torch.Generator().manual_seed(1))
+    v = torch.rand(f.shape[0], 21, *f.shape[2:], generator=torch.Generator().manual_seed(1))
     old = torch.get_num_threads()
     runs = []
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
             lat = Permutohedral(f)
-            runs.append((lat.apply_symmetric_pixel_major(v), lat.norm()))
+            runs.append((lat.apply_symmetric(v), lat.norm()))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
@@ -322,19 +322,35 @@ def test_bad_input_is_a_clear_value_error(astro, call, match):
 
 
 def test_symmetric_filter_from_one_splat_equals_two_filter_calls(astro):
-    """``apply_symmetric_pixel_major`` (the fused CPU kernel; two calls on other builds) is ``L v + L' v`` as the
+    """``apply_symmetric`` (the fused CPU kernel on NCHW memory; two calls on other builds) is ``L v + L' v`` as the
     standard filter computes them (to float rounding: one slice of the summed blurs), with a roi and a batch."""
     img = torch.cat([astro, astro.flip(-1)])
     roi = torch.ones(2, *img.shape[-2:], dtype=torch.bool)
     roi[0, :, -4:] = False
     for kind in ("cpu", "cuda-emulation"):
         lat = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi, kind=kind)
-        v = torch.rand(lat.state.vertex_ids.shape[0], 7, generator=torch.Generator().manual_seed(0))
-        fwd, adj = lat.apply_pixel_major(v), lat.apply_pixel_major(v, transpose=True)
+        v = torch.rand(2, 7, *img.shape[-2:], generator=torch.Generator().manual_seed(0))
+        fwd, adj = lat.filter(v), lat.filter(v, transpose=True)
         assert float((fwd - adj).abs().max()) > 1e-3 * float(fwd.abs().max())  # L is not symmetric
         fresh = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi, kind=kind)
-        torch.testing.assert_close(fresh.apply_symmetric_pixel_major(v), fwd + adj, rtol=1e-6, atol=1e-6)
-        ones = torch.ones(v.shape[0], 1)
-        degree = lat.filter(ones.reshape(2, *img.shape[-2:], 1).permute(0, 3, 1, 2))
+        torch.testing.assert_close(fresh.apply_symmetric(v), fwd + adj, rtol=1e-6, atol=1e-6)
+        degree = lat.filter(torch.ones(2, 1, *img.shape[-2:]))
         torch.testing.assert_close(fresh.norm(), degree, rtol=1e-6, atol=0.0)  # came with the fused splat
-        torch.testing.assert_close(lat.apply_symmetric_pixel_major(v), fwd + adj, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lat.apply_symmetric(v), fwd + adj, rtol=1e-6, atol=1e-6)
+
+
+def test_nchw_and_pixel_major_filters_are_bitwise_equal(astro):
+    """The CPU kernel reading / writing NCHW (``filter``, ``apply_symmetric``) gathers each pixel's channels
+    before the splat and scatters them after the slice: the same floats in the same order as on pixel-major
+    memory (``apply_pixel_major``), so the layouts agree bit for bit, with a roi, a batch and C > 16 (the
+    vector width)."""
+    img = torch.cat([astro, astro.flip(-1)])
+    roi = torch.ones(2, *img.shape[-2:], dtype=torch.bool)
+    roi[1, :5] = False
+    lat = Permutohedral(rgbxy_features(img, 15.0, 10.0), roi=roi)
+    v = torch.rand(2, 21, *img.shape[-2:], generator=torch.Generator().manual_seed(2))
+    pm = to_pixel_major(v)
+    for transpose in (False, True):
+        ref = from_pixel_major(lat.apply_pixel_major(pm, transpose=transpose), v.shape)
+        assert torch.equal(lat.filter(v, transpose=transpose), ref)
+    assert float(lat.filter(v)[1, :, :5].abs().max()) == 0.0  # outside the roi: 0

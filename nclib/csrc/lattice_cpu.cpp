@@ -365,6 +365,9 @@ void embed_block(const float* f, const bool* keep, int dr, const double* scale, 
 // with its neighbours (merged serially) stay few.
 constexpr int64_t kBlockPixels = 8192;
 
+// Pixels per tile when the values are channel-major (NCHW): the splat gathers, the slice scatters a tile.
+constexpr int64_t kTile = 16;
+
 // Splat one pixel: row v_r of `acc` (row stride `stride`) += w_r * src[0..cw) for its corners r (all -1 outside
 // the roi). Per element, the same float operations in the same order as the plain loop, whichever path runs.
 inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
@@ -565,8 +568,10 @@ namespace {
 // channels only when there are fewer images than threads. Each task accumulates into a private buffer (no false
 // sharing) and copies back the vertex rows of its image, the [min, max] of the ids it touched; every row of lat
 // is written. ones (V) zeroed, or null: also S 1 (the degree's splat, by the first chunk of each image: one pass).
+// channel_major: `in` is (batch, C, P / batch) (NCHW) instead of (P, C); each pixel's channels are gathered
+// into a short row first, so the sums are the same floats in the same order as from pixel-major input.
 void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float* bp, int d1, int64_t V,
-           int64_t batch, float* lat, float* ones) {
+           int64_t batch, float* lat, float* ones, bool channel_major) {
   const int64_t n = P / batch;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (threads + batch - 1) / batch));
@@ -574,21 +579,32 @@ void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float
   const int64_t per_image = (C + width - 1) / width;
   const float one = 1.0f;
   at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> acc;
+    std::vector<float> acc, tile(channel_major ? static_cast<size_t>(kTile * C) : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / per_image;
       const int64_t c0 = (task % per_image) * width, cw = std::min(width, C - c0);
       float* deg = c0 == 0 ? ones : nullptr;  // images own disjoint vertex ranges: no other task writes them
       acc.assign(static_cast<size_t>(V) * cw, 0.f);
       int64_t vmin = V, vmax = -1;
+      // channel-major input: the channels of kTile pixels at a time, read channel by channel (contiguous runs)
+      auto load_tile = [&](int64_t p) {
+        const int64_t t0 = p - b * n, tn = std::min(kTile, n - t0);
+        for (int64_t c = 0; c < cw; ++c) {
+          const float* from = in + (b * C + c0 + c) * n + t0;
+          for (int64_t i = 0; i < tn; ++i) tile[i * cw + c] = from[i];
+        }
+      };
       for (int64_t p = b * n; p < (b + 1) * n; ++p) {
         const int32_t* ids = vp + p * d1;
+        if (channel_major && (p - b * n) % kTile == 0) load_tile(p);
         if (ids[0] < 0) continue;  // outside the roi: all corners are -1
         for (int r = 0; r < d1; ++r) {
           vmin = std::min<int64_t>(vmin, ids[r]);
           vmax = std::max<int64_t>(vmax, ids[r]);
         }
-        splat_pixel(in + p * C + c0, cw, ids, bp + p * d1, d1, acc.data(), cw);
+        const float* src = in + p * C + c0;
+        if (channel_major) src = tile.data() + ((p - b * n) % kTile) * cw;
+        splat_pixel(src, cw, ids, bp + p * d1, d1, acc.data(), cw);
         if (deg != nullptr) splat_pixel(&one, 1, ids, bp + p * d1, d1, deg, 1);
       }
       for (int64_t v = vmin; v <= vmax; ++v) {
@@ -634,46 +650,74 @@ float* blur(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C, int d
 }
 
 // Slice: out (P, C) = alpha S' lat with the splat's barycentric weights; deg (P) = alpha S' lat_deg when given.
+// channel_major: `out` is (batch, C, P / batch); each pixel is sliced into a short row, then scattered.
 void slice(float* out, int64_t P, int64_t C, const int32_t* vp, const float* bp, int d1, const float* lat,
-           float* deg, const float* lat_deg) {
+           float* deg, const float* lat_deg, int64_t batch, bool channel_major) {
   const float alpha = lattice_alpha(d1 - 1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  const int64_t n = P / batch;
   at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      slice_pixel(out + p * C, C, vp + p * d1, bp + p * d1, d1, alpha, lat);
-      if (deg != nullptr) slice_pixel(deg + p, 1, vp + p * d1, bp + p * d1, d1, alpha, lat_deg);
+    std::vector<float> tile(channel_major ? static_cast<size_t>(kTile * C) : 0);
+    int64_t p = lo;
+    while (p < hi) {
+      // channel-major output: up to kTile pixels of one image sliced into a tile, written channel by channel
+      const int64_t b = p / n, q = p - b * n, tn = channel_major ? std::min({kTile, hi - p, n - q}) : 1;
+      for (int64_t i = p; i < p + tn; ++i) {
+        float* dst = channel_major ? tile.data() + (i - p) * C : out + i * C;
+        slice_pixel(dst, C, vp + i * d1, bp + i * d1, d1, alpha, lat);
+        if (deg != nullptr) slice_pixel(deg + i, 1, vp + i * d1, bp + i * d1, d1, alpha, lat_deg);
+      }
+      if (channel_major) {
+        for (int64_t c = 0; c < C; ++c) {
+          float* to = out + (b * C + c) * n + q;
+          for (int64_t i = 0; i < tn; ++i) to[i] = tile[i * C + c];
+        }
+      }
+      p += tn;
     }
   });
 }
 
-void check_values(const torch::Tensor& values, const torch::Tensor& vtx, int64_t batch, const char* op) {
-  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == torch::kFloat32 && values.dim() == 2, op,
-              ": values must be (P, C) float32 on the CPU");
+// (P, C) pixel-major, or (batch, C, P / batch) channel-major; returns (P, C).
+std::pair<int64_t, int64_t> check_values(const torch::Tensor& values, const torch::Tensor& vtx, int64_t batch,
+                                         bool channel_major, const char* op) {
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == torch::kFloat32, op,
+              ": values must be float32 on the CPU");
+  TORCH_CHECK(batch >= 1 && vtx.size(0) % batch == 0, op, ": P must be a multiple of the batch size");
+  if (channel_major) {
+    TORCH_CHECK(values.dim() == 3 && values.size(0) == batch && values.size(2) == vtx.size(0) / batch, op,
+                ": channel-major values must be (B, C, H*W) = (", batch, ", C, ", vtx.size(0) / batch, ")");
+    return {vtx.size(0), values.size(1)};
+  }
+  TORCH_CHECK(values.dim() == 2, op, ": values must be (P, C)");
   TORCH_CHECK(vtx.size(0) == values.size(0), op, ": values have ", values.size(0), " pixels, the lattice ",
               vtx.size(0));
-  TORCH_CHECK(batch >= 1 && values.size(0) % batch == 0, op, ": P must be a multiple of the batch size");
+  return {values.size(0), values.size(1)};
 }
 
 }  // namespace
 
 // values (P, C) float32 -> alpha * S' B S values (transpose: blur axes in reverse order, the exact adjoint).
+// channel_major: values and the result are (B, C, H*W) (NCHW, no transposes around the call) instead of (P, C).
 torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary, torch::Tensor nbr,
-                     torch::Tensor csr_ptr, torch::Tensor csr_idx, bool transpose, int64_t batch) {
-  check_values(values, vtx, batch, "lattice filter");
+                     torch::Tensor csr_ptr, torch::Tensor csr_idx, bool transpose, int64_t batch,
+                     bool channel_major) {
+  const auto pc = check_values(values, vtx, batch, channel_major, "lattice filter");
+  const int64_t P = pc.first, C = pc.second;  // not a structured binding: lambdas capture these
   values = values.contiguous();
-  const int64_t P = values.size(0), C = values.size(1), V = nbr.size(0);
+  const int64_t V = nbr.size(0);
   const int d1 = static_cast<int>(vtx.size(1));
   const int32_t* vp = vtx.data_ptr<int32_t>();
   const float* bp = bary.data_ptr<float>();
   torch::Tensor bufs = torch::empty({2, V, C}, values.options());  // every row is written by the splat
   float* a = bufs[0].data_ptr<float>();
   std::optional<PhaseTimer> timer(kSplat);
-  splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, a, nullptr);
+  splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, a, nullptr, channel_major);
   timer.emplace(kBlur);
   const float* lat = blur(a, bufs[1].data_ptr<float>(), nbr.data_ptr<int32_t>(), V, C, d1, transpose);
   timer.emplace(kSlice);
-  torch::Tensor out = torch::empty({P, C}, values.options());
-  slice(out.data_ptr<float>(), P, C, vp, bp, d1, lat, nullptr, nullptr);
+  torch::Tensor out = torch::empty_like(values);
+  slice(out.data_ptr<float>(), P, C, vp, bp, d1, lat, nullptr, nullptr, batch, channel_major);
   return out;
 }
 
@@ -684,10 +728,11 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
 // bitwise filter(ones) (its own channel: same splat order, forward blur, slice); else an empty (0, 1) tensor.
 std::vector<torch::Tensor> filter_sym(const torch::Tensor& values_in, const torch::Tensor& vtx,
                                       const torch::Tensor& bary, const torch::Tensor& nbr, int64_t batch,
-                                      bool with_norm) {
-  check_values(values_in, vtx, batch, "filter_sym");
+                                      bool with_norm, bool channel_major) {
+  const auto pc = check_values(values_in, vtx, batch, channel_major, "filter_sym");
+  const int64_t P = pc.first, C = pc.second;
   const torch::Tensor values = values_in.contiguous();
-  const int64_t P = values.size(0), C = values.size(1), V = nbr.size(0);
+  const int64_t V = nbr.size(0);
   const int d1 = static_cast<int>(vtx.size(1));
   const int32_t* vp = vtx.data_ptr<int32_t>();
   const int32_t* np = nbr.data_ptr<int32_t>();
@@ -699,7 +744,7 @@ std::vector<torch::Tensor> filter_sym(const torch::Tensor& values_in, const torc
   float* ones = with_norm ? nbufs[0].data_ptr<float>() : nullptr;
 
   std::optional<PhaseTimer> timer(kSplat);
-  splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, fwd, ones);
+  splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, fwd, ones, channel_major);
   timer.emplace(kBlur);
   std::copy(fwd, fwd + V * C, rev);
   float* a = blur(fwd, bufs[1].data_ptr<float>(), np, V, C, d1, false);
@@ -709,9 +754,10 @@ std::vector<torch::Tensor> filter_sym(const torch::Tensor& values_in, const torc
     for (int64_t i = lo * C; i < hi * C; ++i) a[i] += t[i];
   });
   timer.emplace(kSlice);
-  torch::Tensor out = torch::empty({P, C}, values.options());
+  torch::Tensor out = torch::empty_like(values);
   torch::Tensor norm = torch::empty({with_norm ? P : 0, 1}, values.options());
-  slice(out.data_ptr<float>(), P, C, vp, bp, d1, a, with_norm ? norm.data_ptr<float>() : nullptr, deg_lat);
+  slice(out.data_ptr<float>(), P, C, vp, bp, d1, a, with_norm ? norm.data_ptr<float>() : nullptr, deg_lat, batch,
+        channel_major);
   return {out, norm};
 }
 
@@ -720,12 +766,16 @@ std::vector<torch::Tensor> filter_sym(const torch::Tensor& values_in, const torc
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nclib permutohedral lattice, CPU kernel";
   m.def("build", &nclib::build, "Build the lattice for a batch of (P, D) features");
-  m.def("filter", &nclib::filter, "Splat, blur and slice (P, C) values; transpose=True applies the adjoint");
+  m.def("filter", &nclib::filter, "Splat, blur and slice (P, C) values (or (B, C, H*W) with channel_major); "
+        "transpose=True applies the adjoint", py::arg("values"), py::arg("vtx"), py::arg("bary"), py::arg("nbr"),
+        py::arg("csr_ptr"), py::arg("csr_idx"), py::arg("transpose"), py::arg("batch"),
+        py::arg("channel_major") = false);
   m.def("profile", &nclib::profile, "Wall-clock ms of each phase of the last build and filter in this process");
 }
 
 // The NC loss's fused operator, as a torch op (nclib/lattice.py calls torch.ops.nclib_both.filter_sym).
 TORCH_LIBRARY_FRAGMENT(nclib_both, m) {
-  m.def("filter_sym(Tensor values, Tensor vtx, Tensor bary, Tensor nbr, int batch, bool with_norm) -> Tensor[]",
+  m.def("filter_sym(Tensor values, Tensor vtx, Tensor bary, Tensor nbr, int batch, bool with_norm, "
+        "bool channel_major=False) -> Tensor[]",
         &nclib::filter_sym);
 }
