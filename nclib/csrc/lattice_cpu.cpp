@@ -520,7 +520,11 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
       });
     }
 
-    nbr = torch::empty({V, d1, 2}, i32);
+    // Half the lookups: along an axis the two directions are inverse steps, so when u is v's dir-0 neighbour, v is
+    // u's dir-1 neighbour. Each v looks up its dir-0 neighbour u and fills both slots; the slot (u, a, 1) has one
+    // possible writer (the key one step up from u), so the parallel writes never collide, and slots nobody
+    // writes keep -1 (no such vertex).
+    nbr = torch::full({V, d1, 2}, -1, i32);
     int32_t* np = nbr.data_ptr<int32_t>();
     PhaseTimer t(kNeighbours);
     at::parallel_for(0, V, 1024, [&](int64_t lo, int64_t hi) {
@@ -531,11 +535,12 @@ std::vector<torch::Tensor> build(torch::Tensor features, torch::Tensor roi, int6
         const KeyTable<D>& t = tables[b];
         const int32_t* key = t.key(v - voff[b]);
         for (int a = 0; a < d1; ++a) {
-          for (int dir = 0; dir < 2; ++dir) {
-            neighbour_key(key, d, a, dir, nk);
-            const int32_t id = t.find(nk, key_hash(nk, d));
-            np[(v * d1 + a) * 2 + dir] = id < 0 ? -1 : id + static_cast<int32_t>(voff[b]);
-          }
+          neighbour_key(key, d, a, 0, nk);
+          const int32_t id = t.find(nk, key_hash(nk, d));
+          if (id < 0) continue;
+          const int64_t u = id + voff[b];
+          np[(v * d1 + a) * 2] = static_cast<int32_t>(u);
+          np[(u * d1 + a) * 2 + 1] = static_cast<int32_t>(v);
         }
       }
     });
