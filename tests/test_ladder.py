@@ -70,7 +70,7 @@ def test_claim_csv_columns_rounding_and_mean(tmp_path):
     rows = list(csv.DictReader(open(path)))
     assert list(rows[0]) == ["method", "miou_mean", "miou_seed0", "miou_seed1", "miou_seed2"]
     assert [r["method"] for r in rows] == list(per)
-    for r, (name, vals) in zip(rows, per.items()):
+    for r, vals in zip(rows, per.values()):
         assert [float(r[f"miou_seed{s}"]) for s in range(3)] == [round(v, 2) for v in vals]
         assert float(r["miou_mean"]) == round(sum(vals) / 3, 2)
     assert path.read_text().splitlines()[1] == "pCE (more),52.09,50.78,53.43,52.06"
