@@ -150,3 +150,8 @@ def test_source_and_val_count_are_for_horses_only(tmp_path, capsys):
     assert "--val-count" in capsys.readouterr().err
     with pytest.raises(ValueError, match="val_count 6 leaves no training images among 6"):
         prep.prepare_horses(tmp_path / "h", source=_folder(tmp_path, _files()), progress=False, val_count=6)
+
+
+def test_a_missing_horse_folder_names_the_command(tmp_path):
+    with pytest.raises(ValueError, match=r"prepare horses --root .*nowhere"):
+        MaskFolderDataset(tmp_path / "nowhere", "train")
