@@ -187,6 +187,22 @@ def write_table(rows: Iterable[Mapping[str, Any]], path: Union[str, Path], crf: 
     return path
 
 
+def write_claim_csv(per: Mapping[str, Sequence[float]], seeds: Sequence[int], path: Union[str, Path]) -> Path:
+    """``figures/claim_<set>.csv``: columns ``method, miou_mean, miou_seed<s>...`` (mIoU in %, 2 decimals), one row
+    per entry of ``per`` ({method: [mIoU % per seed, in the order of ``seeds``]}), in its order."""
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["method", "miou_mean"] + [f"miou_seed{s}" for s in seeds])
+        for name, vals in per.items():
+            if len(vals) != len(seeds):
+                raise ValueError(f"per[{name!r}] has {len(vals)} values for {len(seeds)} seeds")
+            w.writerow([name, f"{np.mean(vals):.2f}"] + [f"{x:.2f}" for x in vals])
+    return path
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""

@@ -29,6 +29,8 @@ YAML_HASHES = {
     "default_proposal_kernelcut": "e9d83fe5", "default_proposal_kernelcut_ignore": "e2bc5513",
     "regime_full": "6ab2952e", "regime_nc": "56ecd287", "regime_pce": "43b5a2d8", "regime_pce_more": "1f9d3a46",
     "regime_pretrain": "2d832b7c",
+    # the Weizmann horses (notebook 04)
+    "horses_full": "db25cf1b", "horses_pce": "ac1e37f9", "horses_pce_more": "a70481da", "horses_nc": "912d9d03",
 }
 
 

@@ -46,7 +46,7 @@ FIRST_CONV = {"vgg16": "features.0.weight", "resnet101": "conv1.weight"}
 def test_config_sets_are_complete():
     """The notebooks take a config prefix and read a whole set (03: Tables 1-3; 02: Sec 5.1)."""
     names = {Path(p).stem for p in CONFIGS}
-    for prefix in ("default", "voc_msc_largefov", "voc_resnet101", "voc_vgg16"):
+    for prefix in ("default", "voc_msc_largefov", "voc_resnet101", "voc_vgg16", "horses"):
         assert {f"{prefix}_{s}" for s in ("full", "pce", "pce_more", "nc")} <= names, prefix
     for prefix in ("default_salient", "msra10k"):
         assert {f"{prefix}_{s}" for s in ("saliency", "kmeans", "nc")} <= names, prefix

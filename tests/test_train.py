@@ -361,3 +361,32 @@ def test_densecrf_weight_adds_the_densecrf_loss_term():
     assert "densecrf" not in loss_terms(logits, images, scrib, scrib, roi, Config())
     with pytest.raises(ValueError, match="densecrf_weight"):
         Config(densecrf_weight=-1.0).validate()
+
+
+def test_folder_dataset_trains_with_nel_and_present_only_nc(tmp_path):
+    """dataset 'folder' with supervision 'scribble' synthesizes scribbles, so NEL and NC over the scribbled labels
+    apply there (the Weizmann horses, notebook 04); full masks give no scribbles and are refused."""
+    from nclib.data import MaskFolderDataset
+
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    img_all = photo("astronaut")
+    for k in range(6):
+        img = img_all[40 + 30 * k:100 + 30 * k, 60:140]
+        Image.fromarray(img).save(root / "images" / f"p{k}.png")
+        Image.fromarray(255 * (img.mean(-1) > img.mean()).astype(np.uint8)).save(root / "masks" / f"p{k}.png")
+    cfg = tiny_cfg(root, dataset="folder", supervision="scribble", nc_weight=0.5, nc_present_only=True,
+                   nel_weight=1.0, iterations=2)
+    ds = MaskFolderDataset(root, "train", scribbles="synthesize")
+    s = np.asarray(ds[0]["scribble"])
+    assert ((s == 0) | (s == 1)).any() and (s == 255).any()  # synthesized strokes: what NEL / present-only read
+    seen = []
+    train(cfg, tmp_path / "run", progress=False, callback=lambda it, terms: seen.append(dict(terms)))
+    assert len(seen) == 2
+    for terms in seen:
+        assert {"ce", "nc", "nel"} <= set(terms) and all(torch.isfinite(torch.as_tensor(v)) for v in terms.values())
+    with pytest.raises(ValueError, match="nel_weight > 0 needs scribbles"):
+        tiny_cfg(root, dataset="folder", supervision="full", nel_weight=1.0)
+    with pytest.raises(ValueError, match="nc_present_only needs scribbles"):
+        tiny_cfg(root, dataset="folder", supervision="full", nc_present_only=True)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m nclib.data make-default``, ``python -m nclib.data prepare {voc,msra10k}`` and
+"""Command line: ``python -m nclib.data make-default``, ``python -m nclib.data prepare {voc,msra10k,horses}`` and
 ``python -m nclib.data proposals --method {grabcut,nc,kernelcut} --root <VOC-layout root>`` (Table 2's mask sets)."""
 from __future__ import annotations
 
@@ -40,11 +40,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     mk.add_argument("--force", action="store_true", help="regenerate even if the folder exists")
     mk.add_argument("--count", type=int, default=None, help="cap every split at this many images (quick tests)")
     pr = sub.add_parser("prepare", help="download and convert a real data set")
-    pr.add_argument("dataset", choices=["voc", "msra10k"])
+    pr.add_argument("dataset", choices=["voc", "msra10k", "horses"])
     pr.add_argument("--root", type=Path, required=True, help="target folder, e.g. data/voc")
     pr.add_argument("--base-url", default=None, help="mirror base URL (default: the module constants / env)")
     pr.add_argument("--cache", type=Path, default=None, help="where downloads are kept (default: <root>/downloads)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--source", type=Path, default=None,
+                    help="horses only: a local folder with images/ + masks/ instead of the public archive")
+    pr.add_argument("--val-count", type=int, default=None,
+                    help="horses only: images in the val split (default 100, i.e. 228 / 100)")
     pr.add_argument("--scribbles", choices=["png", "xml"], default="png",
                     help="voc only: rloss's rasterized PNGs (default) or ScribbleSup's XML polylines rasterized here")
     pp = sub.add_parser("proposals", help="proposal masks of a training split from its scribbles (Table 2)")
@@ -81,9 +85,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             from . import prepare
 
+            if args.source is not None and args.dataset != "horses":
+                raise ValueError(f"--source is for `prepare horses` only, not {args.dataset}")
+            if args.val_count is not None and args.dataset != "horses":
+                raise ValueError(f"--val-count is for `prepare horses` only, not {args.dataset}")
             kw = dict(base_url=args.base_url, cache=args.cache, progress=not args.no_progress)
             if args.dataset == "voc":
                 out = prepare.prepare_voc(args.root, scribbles=args.scribbles, **kw)
+            elif args.dataset == "horses":
+                out = prepare.prepare_horses(args.root, source=args.source,
+                                             val_count=100 if args.val_count is None else args.val_count, **kw)
             else:
                 out = prepare.prepare_msra10k(args.root, **kw)
             print(f"{args.dataset} ready at {out}")

@@ -261,6 +261,7 @@ class MaskFolderDataset(Dataset):
         if not self.root.is_dir():
             raise ValueError(
                 f"data set folder not found: {self.root}. For MSRA10K run `{prepare_command('msra10k', self.root)}`; "
+                f"for the Weizmann horses `{prepare_command('horses', self.root)}`; "
                 f"the default salient set is made by `{prepare_command('default', self.root.parent)}`"
             )
         if layout == "auto":

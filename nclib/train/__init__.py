@@ -10,6 +10,8 @@ One concern per module:
 * :mod:`~nclib.train.checkpoint` -- atomic checkpoints with exact resume, :func:`load_model`.
 * :mod:`~nclib.train.results` -- :func:`train_and_evaluate` (train, then score, into one folder) and :func:`run`,
   the results cache ``results/<name>-<hash of config>/``.
+* :mod:`~nclib.train.ladder` -- :func:`~nclib.train.ladder.run_ladder`: the paper's ladder (full, pCE, pCE (more),
+  + NC, + NC over scribbled labels + NEL, + DenseCRF loss) over seeds through that cache (notebook 04).
 
 Two-stage recipe of the paper (Sec 5.2): stage 1 trains with pCE only; stage 2 starts from stage 1's weights
 (``init_checkpoint``) and minimizes pCE + lambda * NC (+ NEL).

@@ -325,8 +325,9 @@ def _check_combinations(cfg: Config) -> None:
         raise ValueError("supervision 'proposal' needs dataset 'scribble' (proposals are made from scribbles)")
     if cfg.nc_present_only and cfg.supervision != "scribble":
         raise ValueError("nc_present_only needs scribbles (supervision 'scribble')")
-    if cfg.nel_weight > 0 and cfg.dataset != "scribble":
-        raise ValueError("nel_weight > 0 needs scribbles (dataset 'scribble')")
+    if cfg.nel_weight > 0 and cfg.dataset != "scribble" and cfg.supervision != "scribble":
+        raise ValueError("nel_weight > 0 needs scribbles (dataset 'scribble', or dataset 'folder' with supervision "
+                         "'scribble', whose scribbles are synthesized)")
     if cfg.amp and not str(cfg.device).startswith(("cuda", "auto")):
         raise ValueError(f"amp needs a CUDA device, got device {cfg.device!r}")
 
