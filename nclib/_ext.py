@@ -375,5 +375,5 @@ def apply_lattice(kind: str, state: LatticeState, values: torch.Tensor, transpos
     if channel_major:
         if kind != "cpu":
             raise ValueError(f"channel_major values need the 'cpu' build, not {kind!r}")
-        return load(kind).filter(*args, True)
+        return load(kind).filter(*args, channel_major=True)
     return load(kind).filter(*args)

@@ -278,7 +278,7 @@ class Permutohedral:
         # pixels outside the roi have no vertices: they neither splat nor slice (their output is 0)
         if self.kind == "cpu":  # the CPU kernel reads and writes NCHW itself: no transposes
             cm = values.to(torch.float32).contiguous().view(b, c, h * w)
-            out = _LatticeFilter.apply(cm, self, transpose, True).view(b, c, h, w)
+            out = _LatticeFilter.apply(cm, self, transpose, True).reshape(b, c, h, w)
         else:
             pm = to_pixel_major(values)
             out = _LatticeFilter.apply(pm, self, transpose, False).reshape(b, h, w, c).permute(0, 3, 1, 2)

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from nclib import _ext
+from nclib.lattice import to_pixel_major
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,14 +46,33 @@ def load_baseline():
     return module, sha
 
 
-class using_kernel:
-    """Context in which ``nclib.lattice`` builds its CPU lattices with ``module`` (e.g. the baseline kernel).
-
-    The Python side (checks, layouts) stays this checkout's, so a timing inside compares the kernels alone.
-    """
+class _PixelMajorOnly:
+    """A kernel module without the NCHW (``channel_major``) filter, as the Python side of the day fed it: values
+    transposed to pixel-major before the call, the result returned as a permuted view (no copy)."""
 
     def __init__(self, module):
         self.module = module
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def filter(self, values, *args, channel_major=False):
+        if not channel_major:
+            return self.module.filter(values, *args)
+        b, c, n = values.shape
+        pm = to_pixel_major(values.view(b, c, n, 1))  # the blocked per-image transpose the old side used
+        return self.module.filter(pm, *args).view(b, n, c).permute(0, 2, 1)
+
+
+class using_kernel:
+    """Context in which ``nclib.lattice`` builds its CPU lattices with ``module`` (e.g. the baseline kernel).
+
+    The Python side (checks, layouts) stays this checkout's, so a timing inside compares the kernels alone; a
+    kernel without the NCHW filter gets the transposes its own day's Python side made.
+    """
+
+    def __init__(self, module):
+        self.module = module if _takes_channel_major(module) else _PixelMajorOnly(module)
 
     def __enter__(self):
         self.saved = _ext.load("cpu")
@@ -61,6 +81,10 @@ class using_kernel:
 
     def __exit__(self, *exc):
         _ext._loaded["cpu"] = self.saved
+
+
+def _takes_channel_major(module) -> bool:
+    return "channel_major" in (module.filter.__doc__ or "")
 
 
 def paired_median_ms(ours, theirs, runs: int, baseline, clock=None) -> tuple[float, float]:
