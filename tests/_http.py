@@ -5,7 +5,9 @@ once (``truncate_once[name] = n``: announce the full length, send ``n`` bytes, c
 """
 from __future__ import annotations
 
+import io
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Tuple
 
@@ -67,3 +69,12 @@ class FileServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def zip_bytes(files: Dict[str, bytes]) -> bytes:
+    """An in-memory zip archive of ``{member name: bytes}`` (what the download tests serve)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()

@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import tarfile
-import zipfile
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from nclib.data import prepare as prep
 from nclib.data.__main__ import main as cli
 from nclib.data.download import download
 
-from _http import FileServer
+from _http import FileServer, zip_bytes
 
 VOC_TRAIN, VOC_VAL = ["2007_000001", "2007_000002"], ["2007_000101", "2007_000102"]
 SBD_TRAIN, SBD_VAL = ["2008_000001", "2008_000002", "2007_000001"], ["2008_000003", "2007_000101"]
@@ -73,14 +72,6 @@ def _tar(files, mode):
     return buf.getvalue()
 
 
-def _zip(files):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
 def _mat(seg):
     buf = io.BytesIO()
     savemat(buf, {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1), "CategoriesPresent": np.array([1])}})
@@ -120,8 +111,8 @@ def _archives(scribble_override=None):
     return {
         "VOCtrainval_11-May-2012.tar": _tar(voc, "w"),
         "benchmark.tgz": _tar(sbd, "w:gz"),
-        "pascal_2012_scribble.zip": _zip(scr),
-        "scribble_annotation.zip": _zip(xml),
+        "pascal_2012_scribble.zip": zip_bytes(scr),
+        "scribble_annotation.zip": zip_bytes(xml),
     }
 
 
@@ -304,7 +295,7 @@ def _msra_zip(n=12, drop_mask=None):
         files[f"MSRA10K_Imgs_GT/Imgs/{iid}.jpg"] = b.getvalue()
         if iid != drop_mask:
             files[f"MSRA10K_Imgs_GT/Imgs/{iid}.png"] = _png(m)
-    return _zip(files)
+    return zip_bytes(files)
 
 
 def test_prepare_msra10k(tmp_path):

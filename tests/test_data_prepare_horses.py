@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from nclib.data import MaskFolderDataset, read_image, read_label
 from nclib.data import prepare as prep
 from nclib.data.__main__ import main as cli
 
-from _http import FileServer
+from _http import FileServer, zip_bytes
 
 ZIP_NAME = prep.HORSES_URL.rsplit("/", 1)[-1]
 PREFIX = "image_segmentation-2653401d6ea617026895aac17059eb57e017abcb/weizmann_horse_db"
@@ -51,14 +50,6 @@ def _files(photo_fmt="JPEG", drop_mask=None, drop_image=None, masks=None):
     return files
 
 
-def _zip(files):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
 def _folder(tmp_path, files):
     """The same pairs in the local layout (images/ + masks/) of /work/shared/data/weizmann_horse."""
     src = tmp_path / f"src{len(list(tmp_path.iterdir()))}"  # fresh: no file of an earlier case
@@ -72,7 +63,7 @@ def _folder(tmp_path, files):
 
 def test_prepare_horses_from_the_archive_and_from_a_folder(tmp_path):
     files = _files(photo_fmt="PNG")  # lossless photos: the area resize can be checked exactly
-    with FileServer({ZIP_NAME: _zip(files)}) as srv:
+    with FileServer({ZIP_NAME: zip_bytes(files)}) as srv:
         assert cli(["prepare", "horses", "--root", str(tmp_path / "h"), "--base-url", srv.url, "--no-progress",
                     "--val-count", "2"]) == 0
     root = tmp_path / "h"
@@ -107,7 +98,7 @@ def _bad(tmp_path, files, match, via_folder=False):
         if via_folder:
             prep.prepare_horses(root, source=_folder(tmp_path, files), progress=False, val_count=2)
         else:
-            with FileServer({ZIP_NAME: _zip(files)}) as srv:
+            with FileServer({ZIP_NAME: zip_bytes(files)}) as srv:
                 prep.prepare_horses(root, base_url=srv.url, progress=False, val_count=2)
     assert not (root / "meta.json").exists()
 
