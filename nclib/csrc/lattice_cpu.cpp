@@ -371,21 +371,21 @@ constexpr int64_t kTile = 16;
 // Splat one pixel: row v_r of `acc` (row stride `stride`) += w_r * src[0..cw) for its corners r (all -1 outside
 // the roi). Per element, the same float operations in the same order as the plain loop, whichever path runs.
 inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
-                        int64_t stride) {
-  if (ids[0] < 0) return;
+                        int64_t stride, int64_t first = 0) {
+  if (ids[0] < 0) return;  // row v of `acc` holds vertex first + v
 #if defined(__AVX512F__)
   for (int64_t c = 0; c < cw; c += 16) {
     const __mmask16 m = cw - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cw - c)) - 1);
     const __m512 x = _mm512_maskz_loadu_ps(m, src + c);
     for (int r = 0; r < d1; ++r) {
-      float* dst = acc + static_cast<int64_t>(ids[r]) * stride + c;
+      float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride + c;
       const __m512 y = _mm512_maskz_loadu_ps(m, dst);
       _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(y, _mm512_mul_ps(_mm512_set1_ps(w[r]), x)));
     }
   }
 #else
   for (int r = 0; r < d1; ++r) {
-    float* dst = acc + static_cast<int64_t>(ids[r]) * stride;
+    float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride;
     for (int64_t c = 0; c < cw; ++c) dst[c] += w[r] * src[c];
   }
 #endif
@@ -589,8 +589,25 @@ void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float
       const int64_t b = task / per_image;
       const int64_t c0 = (task % per_image) * width, cw = std::min(width, C - c0);
       float* deg = c0 == 0 ? ones : nullptr;  // images own disjoint vertex ranges: no other task writes them
-      acc.assign(static_cast<size_t>(V) * cw, 0.f);
+      // The image's vertices are the contiguous ids [vmin, vmax] (numbered image by image, each one touched).
       int64_t vmin = V, vmax = -1;
+      for (int64_t e = b * n * d1; e < (b + 1) * n * d1; ++e) {
+        if (vp[e] < 0) continue;
+        vmin = std::min<int64_t>(vmin, vp[e]);
+        vmax = std::max<int64_t>(vmax, vp[e]);
+      }
+      if (vmax < vmin) continue;  // no pixel of this image in the roi: it owns no vertex
+      // A task that holds all channels sums straight into the image's own rows of lat; channel chunks sum into a
+      // private buffer of the image's rows (no false sharing between chunks of one row). Same order either way.
+      const bool direct = cw == C;
+      float* dst = lat + vmin * C;
+      if (direct) {
+        std::fill(dst, dst + (vmax - vmin + 1) * C, 0.f);
+      } else {
+        acc.assign(static_cast<size_t>(vmax - vmin + 1) * cw, 0.f);
+        dst = acc.data();
+      }
+      const int64_t stride = direct ? C : cw;
       // channel-major input: the channels of kTile pixels at a time, read channel by channel (contiguous runs)
       auto load_tile = [&](int64_t p) {
         const int64_t t0 = p - b * n, tn = std::min(kTile, n - t0);
@@ -603,17 +620,15 @@ void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float
         const int32_t* ids = vp + p * d1;
         if (channel_major && (p - b * n) % kTile == 0) load_tile(p);
         if (ids[0] < 0) continue;  // outside the roi: all corners are -1
-        for (int r = 0; r < d1; ++r) {
-          vmin = std::min<int64_t>(vmin, ids[r]);
-          vmax = std::max<int64_t>(vmax, ids[r]);
-        }
         const float* src = in + p * C + c0;
         if (channel_major) src = tile.data() + ((p - b * n) % kTile) * cw;
-        splat_pixel(src, cw, ids, bp + p * d1, d1, acc.data(), cw);
+        splat_pixel(src, cw, ids, bp + p * d1, d1, dst, stride, vmin);
         if (deg != nullptr) splat_pixel(&one, 1, ids, bp + p * d1, d1, deg, 1);
       }
-      for (int64_t v = vmin; v <= vmax; ++v) {
-        std::copy(acc.data() + v * cw, acc.data() + (v + 1) * cw, lat + v * C + c0);
+      if (!direct) {
+        for (int64_t v = vmin; v <= vmax; ++v) {
+          std::copy(acc.data() + (v - vmin) * cw, acc.data() + (v - vmin + 1) * cw, lat + v * C + c0);
+        }
       }
     }
   });
@@ -684,6 +699,24 @@ void slice(float* out, int64_t P, int64_t C, const int32_t* vp, const float* bp,
   });
 }
 
+// The splat / blur buffers of filter(), kept per calling thread between calls: the dense CRF filters the same
+// lattice 20 times per image, and a fresh allocation of this size is fresh pages (faults and zeroing) every time.
+// Buffers above kScratchCap are not kept.
+constexpr size_t kScratchCap = size_t(64) << 20;  // floats (256 MB)
+
+float* lattice_scratch(int64_t count) {
+  thread_local std::vector<float> kept;
+  thread_local std::vector<float> once;
+  const size_t n = static_cast<size_t>(count);
+  if (n > kScratchCap) {
+    once.resize(n);
+    return once.data();
+  }
+  std::vector<float>().swap(once);  // a previous oversized buffer is released
+  if (kept.size() < n) kept.resize(n);
+  return kept.data();
+}
+
 // (P, C) pixel-major, or (batch, C, P / batch) channel-major; returns (P, C).
 std::pair<int64_t, int64_t> check_values(const torch::Tensor& values, const torch::Tensor& vtx, int64_t batch,
                                          bool channel_major, const char* op) {
@@ -715,12 +748,11 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   const int d1 = static_cast<int>(vtx.size(1));
   const int32_t* vp = vtx.data_ptr<int32_t>();
   const float* bp = bary.data_ptr<float>();
-  torch::Tensor bufs = torch::empty({2, V, C}, values.options());  // every row is written by the splat
-  float* a = bufs[0].data_ptr<float>();
+  float* a = lattice_scratch(2 * V * C);  // every row is written by the splat
   std::optional<PhaseTimer> timer(kSplat);
   splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, a, nullptr, channel_major);
   timer.emplace(kBlur);
-  const float* lat = blur(a, bufs[1].data_ptr<float>(), nbr.data_ptr<int32_t>(), V, C, d1, transpose);
+  const float* lat = blur(a, a + V * C, nbr.data_ptr<int32_t>(), V, C, d1, transpose);
   timer.emplace(kSlice);
   torch::Tensor out = torch::empty_like(values);
   slice(out.data_ptr<float>(), P, C, vp, bp, d1, lat, nullptr, nullptr, batch, channel_major);
