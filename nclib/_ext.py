@@ -364,16 +364,17 @@ def build_lattice(kind: str, features_pm: torch.Tensor, roi: Optional[torch.Tens
 
 
 def apply_lattice(kind: str, state: LatticeState, values: torch.Tensor, transpose: bool,
-                  channel_major: bool = False) -> torch.Tensor:
+                  channel_major: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Splat, blur and slice ``values`` (P, C) contiguous float32 on ``state``; ``transpose``: the exact adjoint.
 
-    ``channel_major`` (``"cpu"`` build only): ``values`` and the result are (B, C, H*W) (NCHW memory) instead.
+    ``"cpu"`` build only: ``channel_major`` takes and returns (B, C, H*W) (NCHW memory) instead; ``out`` (shaped
+    like ``values``) receives the result instead of a new tensor (loops that filter many times).
     """
     s = state
     args = (values, s.vertex_ids, s.barycentric, s.neighbors, s.splat_ptr, s.splat_entries, bool(transpose),
             int(s.vertices_per_image.shape[0]))
-    if channel_major:
+    if channel_major or out is not None:
         if kind != "cpu":
-            raise ValueError(f"channel_major values need the 'cpu' build, not {kind!r}")
-        return load(kind).filter(*args, channel_major=True)
+            raise ValueError(f"channel_major values and out need the 'cpu' build, not {kind!r}")
+        return load(kind).filter(*args, channel_major=channel_major, out=out)
     return load(kind).filter(*args)

@@ -61,9 +61,9 @@ class _Kernel:
             d = torch.ones_like(d)
         self.post = self.pre * weight if self.pre is not None else d * weight
 
-    def filter(self, q_pre: torch.Tensor) -> torch.Tensor:
-        """``K (pre * Q)`` from ``pre * Q`` (P, K)."""
-        return self.lattice.apply_pixel_major(q_pre)
+    def filter(self, q_pre: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``K (pre * Q)`` from ``pre * Q`` (P, K), into ``out`` when given (CPU build)."""
+        return self.lattice.apply_pixel_major(q_pre, out=out)
 
 
 def _softmax_into(message: torch.Tensor, scratch: torch.Tensor, scales, outs) -> torch.Tensor:
@@ -173,9 +173,10 @@ def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.
     pres = [kn.pre if kn.pre is not None else ones for kn in kernels]
     posts = [kn.post.contiguous() for kn in kernels]
     inputs = [torch.empty_like(neg_unary) for _ in kernels]
+    filtered = [torch.empty_like(neg_unary) for _ in kernels]  # reused: fresh pages every call cost as much
     update(neg_unary, [], [], pres, inputs)  # Q_0 = softmax(unary), pre-multiplied
     for _ in range(iterations - 1):
-        update(neg_unary, [kn.filter(x) for kn, x in zip(kernels, inputs)], posts, pres, inputs)
+        update(neg_unary, [kn.filter(x, out=f) for kn, x, f in zip(kernels, inputs, filtered)], posts, pres, inputs)
     q = torch.empty_like(neg_unary)
-    update(neg_unary, [kn.filter(x) for kn, x in zip(kernels, inputs)], posts, [ones], [q])
+    update(neg_unary, [kn.filter(x, out=f) for kn, x, f in zip(kernels, inputs, filtered)], posts, [ones], [q])
     return q

@@ -210,13 +210,17 @@ class Permutohedral:
             )
         return values.contiguous()
 
-    def apply_pixel_major(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    def apply_pixel_major(self, values: torch.Tensor, transpose: bool = False,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The raw operator on pixel-major values (B*H*W, C) float32 -> (B*H*W, C): no autograd, shape check only.
 
         For inner loops (mean-field iterations) that keep their state in the kernels' layout; see
-        :func:`to_pixel_major`.
+        :func:`to_pixel_major`. ``out`` (``"cpu"`` build): a buffer like ``values`` that receives the result.
         """
-        return self._apply(self._pixel_major_values(values), transpose)
+        values = self._pixel_major_values(values)
+        if out is None or self.kind != "cpu":
+            return self._apply(values, transpose)
+        return _ext.apply_lattice(self.kind, self.state, values, transpose, out=out)
 
     def apply_symmetric(self, values: torch.Tensor) -> torch.Tensor:
         """``(L + L') v``, twice the symmetric part of the operator, on (B, C, H, W) float32 values -> (B, C, H, W)

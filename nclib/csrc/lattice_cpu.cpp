@@ -740,7 +740,7 @@ std::pair<int64_t, int64_t> check_values(const torch::Tensor& values, const torc
 // channel_major: values and the result are (B, C, H*W) (NCHW, no transposes around the call) instead of (P, C).
 torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary, torch::Tensor nbr,
                      torch::Tensor csr_ptr, torch::Tensor csr_idx, bool transpose, int64_t batch,
-                     bool channel_major) {
+                     bool channel_major, std::optional<torch::Tensor> out_buffer) {
   const auto pc = check_values(values, vtx, batch, channel_major, "lattice filter");
   const int64_t P = pc.first, C = pc.second;  // not a structured binding: lambdas capture these
   values = values.contiguous();
@@ -754,7 +754,10 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   timer.emplace(kBlur);
   const float* lat = blur(a, a + V * C, nbr.data_ptr<int32_t>(), V, C, d1, transpose);
   timer.emplace(kSlice);
-  torch::Tensor out = torch::empty_like(values);
+  torch::Tensor out = out_buffer.has_value() ? *out_buffer : torch::empty_like(values);
+  TORCH_CHECK(out.sizes() == values.sizes() && out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
+                  out.device().is_cpu() && out.data_ptr<float>() != values.data_ptr<float>(),
+              "lattice filter: out must be a contiguous float32 CPU tensor shaped like values, not values itself");
   slice(out.data_ptr<float>(), P, C, vp, bp, d1, lat, nullptr, nullptr, batch, channel_major);
   return out;
 }
@@ -807,7 +810,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("filter", &nclib::filter, "Splat, blur and slice (P, C) values (or (B, C, H*W) with channel_major); "
         "transpose=True applies the adjoint", py::arg("values"), py::arg("vtx"), py::arg("bary"), py::arg("nbr"),
         py::arg("csr_ptr"), py::arg("csr_idx"), py::arg("transpose"), py::arg("batch"),
-        py::arg("channel_major") = false);
+        py::arg("channel_major") = false, py::arg("out") = py::none());
   m.def("profile", &nclib::profile, "Wall-clock ms of each phase of the last build and filter in this process");
 }
 
