@@ -220,6 +220,10 @@ class Permutohedral:
         values = self._pixel_major_values(values)
         if out is None or self.kind != "cpu":
             return self._apply(values, transpose)
+        if out.shape != values.shape or out.dtype != torch.float32 or not out.is_contiguous() \
+                or out.device != values.device or out.data_ptr() == values.data_ptr():
+            raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(values.shape)} on "
+                             f"{values.device}, other than values; got {out.dtype} {tuple(out.shape)}")
         return _ext.apply_lattice(self.kind, self.state, values, transpose, out=out)
 
     def apply_symmetric(self, values: torch.Tensor) -> torch.Tensor:

@@ -354,3 +354,21 @@ def test_nchw_and_pixel_major_filters_are_bitwise_equal(astro):
         ref = from_pixel_major(lat.apply_pixel_major(pm, transpose=transpose), v.shape)
         assert torch.equal(lat.filter(v, transpose=transpose), ref)
     assert float(lat.filter(v)[1, :, :5].abs().max()) == 0.0  # outside the roi: 0
+
+
+def test_pixel_major_filter_into_a_reused_buffer(astro):
+    """``apply_pixel_major(..., out=)`` (the dense CRF's loop) writes the same floats as a fresh result, also when
+    the buffer held another lattice's output and the kernel's kept scratch served a larger lattice in between;
+    a buffer of the wrong shape or dtype, or ``values`` itself, is refused by name."""
+    small = Permutohedral(rgbxy_features(astro[..., :32, :32], 15.0, 10.0))
+    big = Permutohedral(rgbxy_features(astro, 5.0, 60.0))
+    v = torch.rand(64 * 64, 21, generator=torch.Generator().manual_seed(3))
+    buf = torch.full_like(v, float("nan"))
+    for transpose in (False, True):
+        ref = big.apply_pixel_major(v, transpose=transpose)
+        small.apply_pixel_major(v[: 32 * 32].contiguous())
+        assert big.apply_pixel_major(v, transpose=transpose, out=buf) is buf
+        assert torch.equal(buf, ref)
+    for bad in (torch.empty(64 * 64, 20), torch.empty(64 * 64, 21, dtype=torch.float64), v):
+        with pytest.raises(ValueError, match="out must be"):
+            big.apply_pixel_major(v, out=bad)
