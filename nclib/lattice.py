@@ -224,7 +224,7 @@ class Permutohedral:
                 or out.device != values.device or out.data_ptr() == values.data_ptr():
             raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(values.shape)} on "
                              f"{values.device}, other than values; got {out.dtype} {tuple(out.shape)}")
-        return _ext.apply_lattice(self.kind, self.state, values, transpose, out=out)
+        return self._apply(values, transpose, out=out)
 
     def apply_symmetric(self, values: torch.Tensor) -> torch.Tensor:
         """``(L + L') v``, twice the symmetric part of the operator, on (B, C, H, W) float32 values -> (B, C, H, W)
@@ -248,8 +248,9 @@ class Permutohedral:
         pm = to_pixel_major(values)
         return from_pixel_major(self._apply(pm, False).add_(self._apply(pm, True)), (b, c, h, w))
 
-    def _apply(self, values: torch.Tensor, transpose: bool, channel_major: bool = False) -> torch.Tensor:
-        return _ext.apply_lattice(self.kind, self.state, values, transpose, channel_major)
+    def _apply(self, values: torch.Tensor, transpose: bool, channel_major: bool = False,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _ext.apply_lattice(self.kind, self.state, values, transpose, channel_major, out)
 
     def _check_values(self, values: torch.Tensor) -> None:
         check_rank("values", values, 4, "(B, C, H, W)")

@@ -701,19 +701,16 @@ void slice(float* out, int64_t P, int64_t C, const int32_t* vp, const float* bp,
 
 // The splat / blur buffers of filter(), kept per calling thread between calls: the dense CRF filters the same
 // lattice 20 times per image, and a fresh allocation of this size is fresh pages (faults and zeroing) every time.
-// Buffers above kScratchCap are not kept.
-constexpr size_t kScratchCap = size_t(64) << 20;  // floats (256 MB)
+// Above kScratchCap the buffer is `fresh`, a per-call tensor freed when the caller's `fresh` goes.
+constexpr int64_t kScratchCap = int64_t(64) << 20;  // floats (256 MB)
 
-float* lattice_scratch(int64_t count) {
-  thread_local std::vector<float> kept;
-  thread_local std::vector<float> once;
-  const size_t n = static_cast<size_t>(count);
-  if (n > kScratchCap) {
-    once.resize(n);
-    return once.data();
+float* lattice_scratch(int64_t count, torch::Tensor& fresh) {
+  if (count > kScratchCap) {
+    fresh = torch::empty({count}, torch::TensorOptions().dtype(torch::kFloat32));
+    return fresh.data_ptr<float>();
   }
-  std::vector<float>().swap(once);  // a previous oversized buffer is released
-  if (kept.size() < n) kept.resize(n);
+  thread_local std::vector<float> kept;
+  if (static_cast<int64_t>(kept.size()) < count) kept.resize(static_cast<size_t>(count));
   return kept.data();
 }
 
@@ -748,7 +745,8 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   const int d1 = static_cast<int>(vtx.size(1));
   const int32_t* vp = vtx.data_ptr<int32_t>();
   const float* bp = bary.data_ptr<float>();
-  float* a = lattice_scratch(2 * V * C);  // every row is written by the splat
+  torch::Tensor fresh;
+  float* a = lattice_scratch(2 * V * C, fresh);  // every row is written by the splat
   std::optional<PhaseTimer> timer(kSplat);
   splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, a, nullptr, channel_major);
   timer.emplace(kBlur);
