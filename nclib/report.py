@@ -132,6 +132,18 @@ def check_parameters(history: Optional[Sequence[str]] = None) -> None:
 
 # ---------------------------------------------------------------- results-cache provenance
 
+def label_rgb(labels, palette, image=None):
+    """(H, W) label map -> (H, W, 3) colours in [0, 1] for the qualitative panels: ``palette[min(label, len - 1)]``
+    (``palette`` a (L, 3) array in [0, 1]); with ``image`` ((H, W, 3) RGB 0..255), unlabelled pixels (255) show
+    the image dimmed to half, so scribbles and void regions read against the photo."""
+    import numpy as np
+
+    out = palette[np.minimum(labels, len(palette) - 1)]
+    if image is not None:
+        out = np.where((labels == 255)[..., None], image / 255 * 0.5, out)
+    return out
+
+
 def _git(args: Sequence[str], cwd: Path) -> str:
     try:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20).stdout.strip()

@@ -295,3 +295,18 @@ def test_runner_injects_only_what_differs_and_force_where_declared(tmp_path):
     bad.write_text("02_kmeans_nc_networks:\n  figures: x\n")
     with pytest.raises(SystemExit, match="figures"):
         mod.plan_runs(bad)
+
+
+def test_label_rgb_colours_labels_and_dims_the_photo_where_unlabelled():
+    import numpy as np
+
+    from nclib.report import label_rgb
+
+    palette = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = np.array([[0, 1], [255, 9]], dtype=np.uint8)
+    image = np.full((2, 2, 3), 200.0)
+    out = label_rgb(labels, palette, image)
+    assert out.shape == (2, 2, 3)
+    assert np.array_equal(out[0, 1], palette[1]) and np.array_equal(out[1, 1], palette[2])  # clipped to the last
+    assert np.allclose(out[1, 0], 200 / 255 * 0.5)  # unlabelled: the photo at half brightness
+    assert np.array_equal(label_rgb(labels, palette)[1, 0], palette[2])  # without a photo 255 is just a label
