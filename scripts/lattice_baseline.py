@@ -47,8 +47,8 @@ def load_baseline():
 
 
 class _PixelMajorOnly:
-    """A kernel module without the NCHW (``channel_major``) filter, as the Python side of the day fed it: values
-    transposed to pixel-major before the call, the result returned as a permuted view (no copy)."""
+    """A kernel module without the NCHW (``channel_major``) filter or ``out=``, as the Python side of the day fed
+    it: values transposed to pixel-major before the call, the result returned as a permuted view (no copy)."""
 
     def __init__(self, module):
         self.module = module
@@ -56,12 +56,14 @@ class _PixelMajorOnly:
     def __getattr__(self, name):
         return getattr(self.module, name)
 
-    def filter(self, values, *args, channel_major=False):
-        if not channel_major:
-            return self.module.filter(values, *args)
-        b, c, n = values.shape
-        pm = to_pixel_major(values.view(b, c, n, 1))  # the blocked per-image transpose the old side used
-        return self.module.filter(pm, *args).view(b, n, c).permute(0, 2, 1)
+    def filter(self, values, *args, channel_major=False, out=None):
+        if channel_major:
+            b, c, n = values.shape
+            pm = to_pixel_major(values.view(b, c, n, 1))  # the blocked per-image transpose the old side used
+            result = self.module.filter(pm, *args).view(b, n, c).permute(0, 2, 1)
+        else:
+            result = self.module.filter(values, *args)
+        return result if out is None else out.copy_(result)  # no out= in the old kernel: a copy, as it would be
 
 
 class using_kernel:
