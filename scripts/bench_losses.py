@@ -1,6 +1,6 @@
 """Benchmark the NC loss (forward + backward) and dense-CRF inference; writes benchmarks/losses.md.
 
-Usage: python scripts/bench_losses.py [--runs 7] [--baseline PATH] [--out benchmarks/losses.md]
+Usage: python scripts/bench_losses.py [--runs 7] [--baseline PATH] [--out benchmarks/losses.md] [--quick]
 (``make bench BASELINE=PATH``; e.g. ``git worktree add /tmp/nclib-base <previous main>`` for PATH).
 
 Real photos (scikit-image astronaut and coffee, resized and centre-cropped to 321x321), 21 classes, 2 threads,
@@ -9,7 +9,8 @@ can be compared in the same run: ``--baseline PATH`` names a second checkout (e.
 ``git worktree add /tmp/nclib-base <commit>`` of the previous main) whose figures are timed run by run
 alternately with this one's and reported as a ratio (the same load on both). pydensecrf (pip package pydensecrf2)
 is timed in the same run as the CRF baseline when installed (it is single-threaded). The machine may be shared:
-only same-run ratios are comparable between runs.
+only same-run ratios are comparable between runs. ``--quick --out FILE``: the same table on 48x48 images with
+4 classes, one run, no warm-up (a smoke test of the script, its child processes and the baseline path).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, K = 321, 21
+QUICK_SIZE, QUICK_K = 48, 4
 
 #: (key, label, goal) of every figure, in table order.
 FIGURES = [
@@ -39,9 +41,10 @@ FIGURES = [
 ]
 
 
-def figures() -> dict:
+def figures(size: int = SIZE, k: int = K) -> dict:
     """Every figure as a zero-argument callable, with the nclib importable here (a child process), public API
-    only, so that any checkout since the benchmark's first version can be timed."""
+    only, so that any checkout since the benchmark's first version can be timed; (2, 3, size, size) photos, k
+    classes."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -56,11 +59,11 @@ def figures() -> dict:
     def network_like_logits(img, seed=0):
         g = torch.Generator().manual_seed(seed)
         b, _, h, w = img.shape
-        coarse = torch.randn(b, K, (h + 7) // 8, (w + 7) // 8, generator=g) * 3
+        coarse = torch.randn(b, k, (h + 7) // 8, (w + 7) // 8, generator=g) * 3
         return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
     torch.set_num_threads(2)
-    imgs = photos(SIZE, ("astronaut", "coffee"))
+    imgs = photos(size, ("astronaut", "coffee"))
     logits = network_like_logits(imgs).requires_grad_(True)
 
     def nc(scale):
@@ -93,7 +96,7 @@ def figures() -> dict:
     unary = np.ascontiguousarray(unary_from_softmax(probs1[0].numpy()))
 
     def ref():
-        d = dcrf.DenseCRF2D(SIZE, SIZE, K)
+        d = dcrf.DenseCRF2D(size, size, k)
         d.setUnaryEnergy(unary)
         d.addPairwiseGaussian(sxy=3, compat=3)
         d.addPairwiseBilateral(sxy=121, srgb=5, rgbim=rgb, compat=4)
@@ -103,10 +106,10 @@ def figures() -> dict:
     return out
 
 
-def serve() -> None:
+def serve(quick: bool = False) -> None:
     """Child mode: print the figure names, then for each figure name read on stdin print its wall-clock and
     process CPU times in ms."""
-    figs = figures()
+    figs = figures(QUICK_SIZE, QUICK_K) if quick else figures()
     print(json.dumps(sorted(figs)), flush=True)
     for line in sys.stdin:
         fn = figs[line.strip()]
@@ -118,10 +121,11 @@ def serve() -> None:
 class Child:
     """A child interpreter that imports nclib from ``checkout`` and times one figure call per request."""
 
-    def __init__(self, checkout: Path):
+    def __init__(self, checkout: Path, quick: bool = False):
         env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="2")
         env.setdefault("NCLIB_BUILD_DIR", str(checkout / "build" / "extensions"))  # one kernel build each
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve"], env=env,
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve"] + (["--quick"] if quick else [])
+        self.proc = subprocess.Popen(argv, env=env,
                                      cwd=str(checkout), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.names = json.loads(self._line(checkout))
 
@@ -151,34 +155,49 @@ def git_describe(path: Path) -> str:
         return str(path)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=7, help="timed runs per figure (after one warm-up)")
-    ap.add_argument("--baseline", type=Path, help="another nclib checkout to time in the same run (ratio)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "losses.md"))
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child mode
-    args = ap.parse_args()
-    if args.serve:
-        serve()
-        return 0
-    ours_child = Child(ROOT)
-    base_child = Child(args.baseline.resolve()) if args.baseline else None
+def measure(baseline, runs: int, warmup: int, quick: bool) -> tuple[dict, dict]:
+    """{figure: [[wall ms, CPU ms] per run]} of this checkout and of the ``baseline`` checkout (empty without one):
+    ``warmup`` untimed calls each, then ``runs`` calls alternating between the checkouts."""
+    ours_child = Child(ROOT, quick)
+    base_child = Child(baseline.resolve(), quick) if baseline else None
     ours: dict = {}
     base: dict = {}
-    for key, _, _ in FIGURES:  # one warm-up each, then runs alternating between the checkouts
+    for key, _, _ in FIGURES:
         if key not in ours_child.names:
             continue
         both = key != "pydensecrf" and base_child is not None and key in base_child.names
-        ours_child.time(key)
-        if both:
-            base_child.time(key)
-        for _ in range(args.runs):
+        for _ in range(warmup):
+            ours_child.time(key)
+            if both:
+                base_child.time(key)
+        for _ in range(runs):
             ours.setdefault(key, []).append(ours_child.time(key))
             if both:
                 base.setdefault(key, []).append(base_child.time(key))
     for c in (ours_child, base_child):
         if c is not None:
             c.close()
+    return ours, base
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7, help="timed runs per figure (after one warm-up)")
+    ap.add_argument("--baseline", type=Path, help="another nclib checkout to time in the same run (ratio)")
+    ap.add_argument("--out", help="default: benchmarks/losses.md")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"{QUICK_SIZE}x{QUICK_SIZE} images, {QUICK_K} classes, 1 run, no warm-up (a smoke test; needs --out)")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child mode
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.quick)
+        return 0
+    if args.quick and args.out is None:
+        ap.error("--quick needs --out: its table must not replace benchmarks/losses.md")
+    args.out = args.out or str(ROOT / "benchmarks" / "losses.md")
+    if args.quick:
+        args.runs = 1
+    ours, base = measure(args.baseline, args.runs, warmup=0 if args.quick else 1, quick=args.quick)
     med = {k: statistics.median(x[0] for x in v) for k, v in ours.items()}
     bmed = {k: statistics.median(x[0] for x in v) for k, v in base.items() if k != "pydensecrf"}
     cpu = {k: statistics.median(x[1] for x in v) for k, v in ours.items()}
@@ -191,7 +210,8 @@ def main() -> int:
         "# Loss and dense-CRF benchmarks",
         "",
         f"`python scripts/bench_losses.py --runs {args.runs}"
-        f"{' --baseline ' + str(args.baseline) if args.baseline else ''}`: median of {n} runs after a warm-up"
+        f"{' --baseline ' + str(args.baseline) if args.baseline else ''}{' --quick' if args.quick else ''}`: "
+        f"median of {n} runs after a warm-up"
         f"{', alternating with the baseline run by run' if args.baseline else ''}, torch.set_num_threads(2), "
         f"torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
