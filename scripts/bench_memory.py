@@ -34,7 +34,9 @@ print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
 
 def peak_gb(checkout: Path, size: int) -> tuple[float, float]:
     """(RSS with the inputs only, peak RSS after forward + backward) in GB, Linux ru_maxrss (kB)."""
-    env = {**os.environ, "PYTHONPATH": str(checkout), "NCLIB_BUILD_DIR": str(checkout / "build" / "extensions")}
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    # one kernel build per checkout unless a build folder is set (kernel folders are named by a hash of the sources)
+    env.setdefault("NCLIB_BUILD_DIR", str(checkout / "build" / "extensions"))
     out = subprocess.run([sys.executable, "-c", CHILD.format(size=size)], cwd=checkout, env=env, check=True,
                          capture_output=True, text=True).stdout.split()
     return float(out[-2]), float(out[-1])
