@@ -42,6 +42,21 @@ def test_subset_reproduces_the_first_images_of_a_larger_build(small, tmp_path):
         assert (small / rel).read_bytes() == (bigger / rel).read_bytes()
 
 
+def test_counts_set_split_sizes_and_a_mismatch_rebuilds(tmp_path):
+    root = make_default(tmp_path / "pre", seed=1, counts={"train": 4, "val": 1, "salient_train": 0, "salient_val": 0})
+    ids = (root / "scribble/ImageSets/Segmentation/train.txt").read_text().split()
+    assert len(ids) == 4 and not list((root / "salient/Imgs").glob("*.jpg"))
+    assert json.loads((root / "meta.json").read_text())["counts"]["train"] == 4
+    # the same request keeps the set; another size (or seed) is rebuilt instead of silently kept
+    stamp = (root / "meta.json").stat().st_mtime_ns
+    assert make_default(root, seed=1, counts={"train": 4, "val": 1, "salient_train": 0, "salient_val": 0}) == root
+    assert (root / "meta.json").stat().st_mtime_ns == stamp
+    make_default(root, seed=1, counts={"train": 5, "val": 1, "salient_train": 0, "salient_val": 0})
+    assert len((root / "scribble/ImageSets/Segmentation/train.txt").read_text().split()) == 5
+    with pytest.raises(ValueError, match="counts"):
+        make_default(tmp_path / "bad", counts={"trian": 4})
+
+
 def test_layout_and_contents(small):
     sc = small / "scribble"
     for split in ("train", "val"):

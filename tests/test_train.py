@@ -81,7 +81,8 @@ def test_unknown_config_keys_are_named(tmp_path):
 
 @pytest.mark.parametrize("kw, msg", [({"model": "unet"}, "model"), ({"sigma_xy": 0}, "sigma_xy"),
                                      ({"iterations": 0}, "iterations"), ({"nc_weight": -1}, "nc_weight"),
-                                     ({"nc_scale": 2.0}, "nc_scale"), ({"supervision": "boxes"}, "supervision")])
+                                     ({"nc_scale": 2.0}, "nc_scale"), ({"supervision": "boxes"}, "supervision"),
+                                     ({"optimizer": "rmsprop"}, "optimizer")])
 def test_bad_config_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Config.from_dict(kw)
@@ -139,6 +140,31 @@ def test_same_seed_same_numbers_and_exact_resume(tiny_root, tmp_path):
     # another seed gives other numbers (the test can fail)
     other = train(cfg.replace(seed=4), tmp_path / "d", progress=False)
     assert other["history"]["train"] != full["history"]["train"]
+
+
+def test_adam_resumes_exactly_and_keeps_the_lr_groups(tiny_root, tmp_path):
+    from nclib.train.loop import make_optimizer
+
+    cfg = tiny_cfg(tiny_root, ckpt_every=2, optimizer="adam", lr=1e-3)
+    model = torch.nn.Conv2d(3, 2, 1)
+    opt = make_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW) and sorted(g["lr_mult"] for g in opt.param_groups) == [1.0, 2.0]
+    full = train(cfg, tmp_path / "a", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(it, terms):
+        if it == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "b", progress=False, callback=kill_at_3)
+    resumed = train(cfg, tmp_path / "b", progress=False)  # the Adam moments come back from the checkpoint
+    assert_same_weights(weights(tmp_path / "a" / "model.pt"), weights(tmp_path / "b" / "model.pt"))
+    assert resumed["history"]["train"] == full["history"]["train"]
+    sgd = train(cfg.replace(optimizer="sgd"), tmp_path / "c", progress=False)
+    assert sgd["history"]["train"][-1] != full["history"]["train"][-1]
 
 
 def test_nan_loss_stops_with_iteration_and_terms(tiny_root, tmp_path, monkeypatch):

@@ -299,7 +299,8 @@ def _build(out: Path, seed: int, counts: Dict[str, int], size: int) -> dict:
         fg.append(float((m > 0).mean()))
     (sal / "ImageSets" / "train.txt").write_text("\n".join(ids[:n_tr]) + "\n")
     (sal / "ImageSets" / "val.txt").write_text("\n".join(ids[n_tr:]) + "\n")
-    stats["salient"] = {"images": len(ids), "train": n_tr, "val": n_va, "foreground_fraction_mean": float(np.mean(fg))}
+    stats["salient"] = {"images": len(ids), "train": n_tr, "val": n_va,
+                        "foreground_fraction_mean": float(np.mean(fg)) if fg else 0.0}
     meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "size": size, "counts": counts,
             "class_names": list(DEFAULT_CLASS_NAMES), "scribble_fraction_target": SCRIBBLE_FRACTION, "stats": stats}
     (out / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
@@ -307,20 +308,31 @@ def _build(out: Path, seed: int, counts: Dict[str, int], size: int) -> dict:
 
 
 def make_default(root: Optional[os.PathLike] = None, seed: int = DEFAULT_SEED, force: bool = False,
-                 count: Optional[int] = None, size: int = DEFAULT_SIZE) -> Path:
-    """Generate the default set into ``root`` (atomically). ``count`` caps every split (for quick tests)."""
+                 count: Optional[int] = None, size: int = DEFAULT_SIZE,
+                 counts: Optional[Dict[str, int]] = None) -> Path:
+    """Generate the default set into ``root`` (atomically). ``count`` caps every split (for quick tests);
+    ``counts`` sets split sizes (keys of ``DEFAULT_COUNTS``; e.g. a larger pre-training set). An existing set is
+    kept unless ``force`` or, when ``counts`` is given, its ``meta.json`` records another seed or other sizes."""
     root = Path(root) if root is not None else default_root()
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels, got {size}")
-    counts = dict(DEFAULT_COUNTS)
+    wanted, explicit = dict(DEFAULT_COUNTS), counts is not None
+    if explicit:
+        bad = sorted(set(counts) - set(DEFAULT_COUNTS))
+        if bad or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+            raise ValueError(f"counts must map {sorted(DEFAULT_COUNTS)} to ints >= 0, got {counts!r}")
+        wanted.update(counts)
     if count is not None:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
-        counts = {k: min(v, count) for k, v in counts.items()}
+        wanted = {k: min(v, count) for k, v in wanted.items()}
+    counts = wanted
     if root.exists() and not root.is_dir():
         raise ValueError(f"--root {root} is a file, not a folder")
     if root.exists() and not force:
-        return root
+        meta = _meta(root)
+        if not explicit or (meta.get("counts") == counts and meta.get("seed") == seed):
+            return root
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         _sweep_stale(root)

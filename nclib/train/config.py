@@ -67,7 +67,8 @@ class Config:
     batch_size: int = 10
     lr: float = 1e-3
     lr_classifier_mult: float = 10.0
-    momentum: float = 0.9
+    momentum: float = 0.9                          # SGD only
+    optimizer: str = "sgd"                         # "sgd" (DeepLab's recipe) | "adam" (AdamW: training from scratch)
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     # run
@@ -305,6 +306,7 @@ _RULES: Dict[str, Callable[[str, Any], None]] = {
     "nc_scale": _float(0, 1, lo_open=True),
     "iterations": _int(1), "batch_size": _int(1), "lr": _float(0, lo_open=True),
     "lr_classifier_mult": _float(0, lo_open=True), "momentum": _float(0, 1, hi_open=True),
+    "optimizer": _choice("sgd", "adam"),
     "weight_decay": _float(0), "poly_power": _float(0),
     "seed": _int(0, 2**32 - 1), "device": _device, "amp": _bool, "num_workers": _int(0), "cache_data": _bool,
     "threads": _int(0), "val_every": _int(0), "val_max_images": _int(0), "val_nc": _bool, "ckpt_every": _int(0),

@@ -36,7 +36,7 @@ from .config import Config, config_hash
 from .stream import SeededDataset, StreamSampler, build_datasets, collate
 
 __all__ = ["train", "NonFiniteLossError", "MAX_LOGIT", "loss_terms", "nc_term", "batch_targets", "poly_lr", "dist_env",
-           "resolve_device"]
+           "resolve_device", "make_optimizer"]
 
 Callback = Callable[[int, Dict[str, float]], None]
 
@@ -212,8 +212,7 @@ def _setup(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
         _check_finished(ck, init_path)
         load_weights(model, ck, init_path)
     model.to(device)
-    opt = torch.optim.SGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_classifier_mult),
-                          lr=cfg.lr, momentum=cfg.momentum)
+    opt = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.amp and device.type == "cuda"))
     st = _State(cfg, rank, world, device, model, opt, scaler, train_set, val_set, num_classes, out_dir / "model.pt")
     if resume and st.ckpt_path.is_file():
@@ -222,6 +221,16 @@ def _setup(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
     if world > 1:
         st.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return st
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """DeepLab's SGD (momentum) or AdamW over :func:`nclib.models.param_groups`; the poly schedule rescales
+    both through each group's ``lr_mult``. AdamW trains a small network from scratch in far fewer iterations
+    (the miniature's pre-training, notebook 03); fine-tuning keeps DeepLab's SGD."""
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_classifier_mult)
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
 def _check_finished(ck: Dict[str, Any], path: Path) -> None:
@@ -294,7 +303,7 @@ def _loader(st: _State) -> torch.utils.data.DataLoader:
 
 
 def _step(st: _State, batch: Dict[str, Any], it: int) -> Dict[str, float]:
-    """One SGD step at iteration ``it``; the float loss terms. NonFiniteLossError before a NaN is applied."""
+    """One optimizer step at iteration ``it``; the float loss terms. NonFiniteLossError before a NaN is applied."""
     cfg = st.cfg
     for g in st.opt.param_groups:
         g["lr"] = poly_lr(cfg, it) * g["lr_mult"]
@@ -315,7 +324,7 @@ def _step(st: _State, batch: Dict[str, Any], it: int) -> Dict[str, float]:
     st.scaler.update()
     params = [p.detach() for p in st.model.parameters()]
     if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        raise NonFiniteLossError(_diverged(st, it, "the weights are not finite after the SGD step", vals))
+        raise NonFiniteLossError(_diverged(st, it, "the weights are not finite after the optimizer step", vals))
     st.last_terms = vals
     return vals
 
