@@ -1,7 +1,9 @@
 """Benchmark the NC loss (forward + backward) and dense-CRF inference; writes benchmarks/losses.md.
 
-Usage: python scripts/bench_losses.py [--runs 7] [--baseline PATH] [--out benchmarks/losses.md]
-(``make bench BASELINE=PATH``; e.g. ``git worktree add /tmp/nclib-base <previous main>`` for PATH).
+Usage: python scripts/bench_losses.py [--runs 7] [--baseline PATH] [--out benchmarks/losses.md] [--threads 2]
+[--only crf_b2,pydensecrf] (``make bench BASELINE=PATH``; e.g. ``git worktree add /tmp/nclib-base <previous main>``
+for PATH). The paired 1-thread CRF measurement of a shared machine: ``--threads 1 --only crf_b2,pydensecrf
+--baseline PATH --runs 9 --out /tmp/crf.md``.
 
 Real photos (scikit-image astronaut and coffee, resized and centre-cropped to 321x321), 21 classes, 2 threads,
 median of several runs after one warm-up. Each checkout is timed in its own child process so that two versions
@@ -33,6 +35,7 @@ FIGURES = [
     ("build", "  lattice build, batch 2 RGBXY (ms)", ""),
     ("filter", "  lattice filter, 21 channels, batch 2 (ms, one pass)", ""),
     ("crf", "dense CRF, 10 iterations, 321x321, 21 labels (ms / image)", "<= 150"),
+    ("crf_b2", "  same, batch 2 (ms / image)", "<= 150"),
     ("crf_build", "  build appearance (RGBXY 5/121) + smoothness (XY 3) lattices (ms)", ""),
     ("crf_filter", "  one lattice filter pass appearance + smoothness, 21 channels (ms)", ""),
     ("pydensecrf", "pydensecrf2 dense CRF, same input, 1 thread (ms / image)", "CRF >= 2.5x faster"),
@@ -59,7 +62,7 @@ def figures() -> dict:
         coarse = torch.randn(b, K, (h + 7) // 8, (w + 7) // 8, generator=g) * 3
         return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("NCLIB_BENCH_THREADS", "2")))
     imgs = photos(SIZE, ("astronaut", "coffee"))
     logits = network_like_logits(imgs).requires_grad_(True)
 
@@ -74,6 +77,7 @@ def figures() -> dict:
     vals = logits.detach().softmax(1)
     img1 = imgs[:1]
     probs1 = network_like_logits(img1, seed=1).softmax(1)
+    probs2 = network_like_logits(imgs, seed=1).softmax(1)
     l_app, l_sm = Permutohedral(rgbxy_features(img1, 5.0, 121.0)), Permutohedral(xy_features(img1, 3.0))
     out = {
         "nc": nc(1.0),
@@ -81,6 +85,7 @@ def figures() -> dict:
         "build": lambda: Permutohedral(feats),
         "filter": lambda: lat.filter(vals),
         "crf": lambda: dense_crf(probs1, img1, iterations=10),
+        "crf_b2": lambda: dense_crf(probs2, imgs, iterations=10),
         "crf_build": lambda: (Permutohedral(rgbxy_features(img1, 5.0, 121.0)), Permutohedral(xy_features(img1, 3.0))),
         "crf_filter": lambda: (l_app.filter(probs1), l_sm.filter(probs1)),
     }
@@ -109,17 +114,20 @@ def serve() -> None:
     figs = figures()
     print(json.dumps(sorted(figs)), flush=True)
     for line in sys.stdin:
-        fn = figs[line.strip()]
+        name = line.strip()
+        fn = figs[name]
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        print(json.dumps([(time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3]), flush=True)
+        per = 2 if name == "crf_b2" else 1  # per image
+        print(json.dumps([(time.perf_counter() - t0) * 1e3 / per, (time.process_time() - c0) * 1e3 / per]), flush=True)
 
 
 class Child:
     """A child interpreter that imports nclib from ``checkout`` and times one figure call per request."""
 
-    def __init__(self, checkout: Path):
-        env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="2")
+    def __init__(self, checkout: Path, threads: int = 2):
+        env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(threads),
+                   NCLIB_BENCH_THREADS=str(threads))
         env.setdefault("NCLIB_BUILD_DIR", str(checkout / "build" / "extensions"))  # one kernel build each
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve"], env=env,
                                      cwd=str(checkout), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -151,38 +159,60 @@ def git_describe(path: Path) -> str:
         return str(path)
 
 
+def crf_ratio_lines(med: dict, bmed: dict) -> list:
+    """The same-run speed-ups of the dense CRF (this checkout, the baseline) over pydensecrf2."""
+    lines = []
+    for crf in ("crf", "crf_b2"):
+        if "pydensecrf" in med and crf in med:
+            ratio = med["pydensecrf"] / med[crf]
+            lines += ["", f"Dense CRF ({crf}) vs pydensecrf2 in the same run: {ratio:.2f}x faster (goal >= 2.5x)."]
+            if crf in bmed:
+                lines.append(f"Baseline CRF ({crf}) vs pydensecrf2: {med['pydensecrf'] / bmed[crf]:.2f}x.")
+    return lines
+
+
+def measure(args, only: set):
+    """Median wall-clock and CPU ms per figure of this checkout and the baseline: one warm-up each, then run by
+    run every figure in turn, each alternating between the checkouts (so pydensecrf2 shares the CRF's load)."""
+    ours_child = Child(ROOT, args.threads)
+    base_child = Child(args.baseline.resolve(), args.threads) if args.baseline else None
+    keys = [k for k, _, _ in FIGURES if k in ours_child.names and (not only or k in only)]
+    both = {k: k != "pydensecrf" and base_child is not None and k in base_child.names for k in keys}
+    ours: dict = {}
+    base: dict = {}
+    for rep in range(args.runs + 1):
+        for key in keys:
+            t = ours_child.time(key)
+            b = base_child.time(key) if both[key] else None
+            if rep == 0:  # warm-up
+                continue
+            ours.setdefault(key, []).append(t)
+            if b is not None:
+                base.setdefault(key, []).append(b)
+    for c in (ours_child, base_child):
+        if c is not None:
+            c.close()
+    med = {k: statistics.median(x[0] for x in v) for k, v in ours.items()}
+    bmed = {k: statistics.median(x[0] for x in v) for k, v in base.items()}
+    cpu = {k: statistics.median(x[1] for x in v) for k, v in ours.items()}
+    bcpu = {k: statistics.median(x[1] for x in v) for k, v in base.items()}
+    return med, bmed, cpu, bcpu
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="timed runs per figure (after one warm-up)")
     ap.add_argument("--baseline", type=Path, help="another nclib checkout to time in the same run (ratio)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "losses.md"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of both children")
+    ap.add_argument("--only", default="", help="comma-separated figure keys to time (default: all)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.serve:
         serve()
         return 0
-    ours_child = Child(ROOT)
-    base_child = Child(args.baseline.resolve()) if args.baseline else None
-    ours: dict = {}
-    base: dict = {}
-    for key, _, _ in FIGURES:  # one warm-up each, then runs alternating between the checkouts
-        if key not in ours_child.names:
-            continue
-        both = key != "pydensecrf" and base_child is not None and key in base_child.names
-        ours_child.time(key)
-        if both:
-            base_child.time(key)
-        for _ in range(args.runs):
-            ours.setdefault(key, []).append(ours_child.time(key))
-            if both:
-                base.setdefault(key, []).append(base_child.time(key))
-    for c in (ours_child, base_child):
-        if c is not None:
-            c.close()
-    med = {k: statistics.median(x[0] for x in v) for k, v in ours.items()}
-    bmed = {k: statistics.median(x[0] for x in v) for k, v in base.items() if k != "pydensecrf"}
-    cpu = {k: statistics.median(x[1] for x in v) for k, v in ours.items()}
-    bcpu = {k: statistics.median(x[1] for x in v) for k, v in base.items() if k != "pydensecrf"}
+    only = set(filter(None, args.only.split(",")))
+    med, bmed, cpu, bcpu = measure(args, only)
     n = args.runs
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     import torch
@@ -191,8 +221,11 @@ def main() -> int:
         "# Loss and dense-CRF benchmarks",
         "",
         f"`python scripts/bench_losses.py --runs {args.runs}"
-        f"{' --baseline ' + str(args.baseline) if args.baseline else ''}`: median of {n} runs after a warm-up"
-        f"{', alternating with the baseline run by run' if args.baseline else ''}, torch.set_num_threads(2), "
+        f"{' --baseline ' + str(args.baseline) if args.baseline else ''}"
+        f"{f' --threads {args.threads}' if args.threads != 2 else ''}{f' --only {args.only}' if only else ''}`: "
+        f"median of {n} runs after a warm-up"
+        f"{', alternating with the baseline run by run' if args.baseline else ''}, figures interleaved, "
+        f"torch.set_num_threads({args.threads}), "
         f"torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
         f"{load[0]:.1f} (other jobs share the machine: absolute numbers are upper bounds, compare the same-run "
@@ -210,6 +243,8 @@ def main() -> int:
         lines += ["| what | ms | goal |", "| --- | ---: | --- |"]
     for key, label, goal in FIGURES:
         if key not in med:
+            if only and key not in only:
+                continue
             lines.append(f"| {label}: not measured (pydensecrf2 not installed) | | {goal} |")
             continue
         if args.baseline:
@@ -220,11 +255,7 @@ def main() -> int:
                          f"| {'' if bc is None else f'{bc:.1f}'} | {cratio} | {goal} |")
         else:
             lines.append(f"| {label} | {med[key]:.1f} | {goal} |")
-    if "pydensecrf" in med:
-        ratio = med["pydensecrf"] / med["crf"]
-        lines += ["", f"Dense CRF vs pydensecrf2 in the same run: {ratio:.2f}x faster (goal >= 2.5x)."]
-        if "crf" in bmed:
-            lines.append(f"Baseline CRF vs pydensecrf2: {med['pydensecrf'] / bmed['crf']:.2f}x.")
+    lines += crf_ratio_lines(med, bmed)
     lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

@@ -14,6 +14,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace nclib {
 namespace {
 
@@ -37,6 +41,66 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (__builtin_bit_cast(int32_t, shifted) - 0x4B400000 + 127) << 23;  // 2^n
   return e * __builtin_bit_cast(float, bits);  // not memcpy: GCC does not vectorise a loop around that
 }
+
+#if defined(__AVX512F__)
+// exp_nonpositive() on 16 lanes: the same operations in the same order (no fused multiply-adds).
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);
+  const __m512 shifted = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), shifter);
+  const __m512 n = _mm512_sub_ps(shifted, shifter);
+  const __m512 r = _mm512_add_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
+                                 _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 e = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(r, r), p), r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000)),
+                       _mm512_set1_epi32(127)),
+      23);
+  return _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
+}
+
+// The update of pixels [lo, hi) with the row of K <= 16 * NC labels held in NC registers (the last one masked):
+// no per-pixel loops over K, which the compiler leaves mostly scalar for K = 21.
+template <int NC>
+void update_rows_avx512(int64_t lo, int64_t hi, int64_t K, const float* u, const std::vector<const float*>& f,
+                        const std::vector<const float*>& po, const std::vector<const float*>& pr,
+                        const std::vector<float*>& o) {
+  __mmask16 mask[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int64_t left = K - 16 * c;
+    mask[c] = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  }
+  for (int64_t p = lo; p < hi; ++p) {
+    __m512 m[NC];
+    for (int c = 0; c < NC; ++c) m[c] = _mm512_maskz_loadu_ps(mask[c], u + p * K + 16 * c);
+    for (size_t j = 0; j < f.size(); ++j) {
+      const __m512 w = _mm512_set1_ps(po[j][p]);
+      for (int c = 0; c < NC; ++c)
+        m[c] = _mm512_add_ps(m[c], _mm512_mul_ps(w, _mm512_maskz_loadu_ps(mask[c], f[j] + p * K + 16 * c)));
+    }
+    __m512 mx = m[0];
+    for (int c = 1; c < NC; ++c) mx = _mm512_mask_max_ps(mx, mask[c], mx, m[c]);  // masked lanes keep m[0]'s
+    if (NC == 1) mx = _mm512_mask_mov_ps(_mm512_set1_ps(m[0][0]), mask[0], m[0]);  // K < 16: pad with a real one
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));  // subtracted: exp never overflows
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) {
+      m[c] = exp_nonpositive16(_mm512_sub_ps(m[c], top));
+      sum = _mm512_mask_add_ps(sum, mask[c], sum, m[c]);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);  // >= 1 term is exp(0) = 1
+    for (size_t i = 0; i < o.size(); ++i) {
+      const __m512 s = _mm512_set1_ps(inv * pr[i][p]);
+      for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(o[i] + p * K + 16 * c, mask[c], _mm512_mul_ps(m[c], s));
+    }
+  }
+}
+#endif
 
 // The max and the sum of a short row (K = 21 labels) in four independent chains: one chain is bound by the
 // add/max latency, and the compiler may not reassociate float sums by itself.
@@ -85,6 +149,20 @@ void update(const at::Tensor& unary, at::TensorList filtered, at::TensorList pos
     o[i] = out[i].data_ptr<float>();
   }
   const float* u = unary.data_ptr<float>();
+#if defined(__AVX512F__)
+  if (K <= 64) {  // the row in at most 4 registers
+    const int64_t nc = (K + 15) / 16;
+    at::parallel_for(0, P, 2048, [&](int64_t lo, int64_t hi) {
+      switch (nc) {
+        case 1: update_rows_avx512<1>(lo, hi, K, u, f, po, pr, o); break;
+        case 2: update_rows_avx512<2>(lo, hi, K, u, f, po, pr, o); break;
+        case 3: update_rows_avx512<3>(lo, hi, K, u, f, po, pr, o); break;
+        default: update_rows_avx512<4>(lo, hi, K, u, f, po, pr, o); break;
+      }
+    });
+    return;
+  }
+#endif
   // Blocks of kBlock pixels: every step but the per-pixel max and sum is a flat loop over the block's
   // kBlock * K contiguous values, which the compiler vectorises (a loop over K = 21 alone does not).
   constexpr int64_t kBlock = 64;
