@@ -247,17 +247,35 @@ def _mean_field(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tens
 
 def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tensor:
     """:func:`_mean_field` with each update (messages, softmax, next inputs) in one pass of the CPU build's
-    ``nclib_meanfield.update`` kernel."""
-    _ext.load("cpu")  # registers torch.ops.nclib_meanfield
-    update = torch.ops.nclib_meanfield.update
+    ``nclib_meanfield.update`` kernel; with a grid smoothness kernel (last) the update is fused into its blur
+    (``nclib_gauss.blur_update``: the blurred rows go straight into the update, never to memory)."""
+    _ext.load("cpu")  # registers torch.ops.nclib_meanfield and torch.ops.nclib_gauss
+    update, blur_update = torch.ops.nclib_meanfield.update, torch.ops.nclib_gauss.blur_update
     ones = torch.ones_like(neg_unary[:, :1])
     pres = [kn.pre if kn.pre is not None else ones for kn in kernels]
     posts = [kn.post.contiguous() for kn in kernels]
+    grid = kernels[-1] if isinstance(kernels[-1], _GridKernel) else None
+    lattices = kernels[:-1] if grid is not None else kernels
     inputs = [torch.empty_like(neg_unary) for _ in kernels]
-    filtered = [torch.empty_like(neg_unary) for _ in kernels]  # reused: fresh pages every call cost as much
+    filtered = [torch.empty_like(neg_unary) for _ in lattices]  # reused: fresh pages every call cost as much
+    # The grid's input is double-buffered: the fused update writes the next one while the blur still reads it.
+    spare = torch.empty_like(neg_unary) if grid is not None else None
+
+    def step(step_pres, outs):
+        msgs = [kn.filter(x, out=f) for kn, x, f in zip(lattices, inputs, filtered)]
+        if grid is None:
+            update(neg_unary, msgs, posts, step_pres, outs)
+        else:
+            b, h, w = grid.shape
+            blur_update(inputs[-1], b, h, w, grid.taps, posts[-1], neg_unary, msgs, posts[:-1], step_pres, outs)
+
     update(neg_unary, [], [], pres, inputs)  # Q_0 = softmax(unary), pre-multiplied
     for _ in range(iterations - 1):
-        update(neg_unary, [kn.filter(x, out=f) for kn, x, f in zip(kernels, inputs, filtered)], posts, pres, inputs)
+        if grid is None:
+            step(pres, inputs)
+        else:
+            step(pres, inputs[:-1] + [spare])
+            inputs[-1], spare = spare, inputs[-1]
     q = torch.empty_like(neg_unary)
-    update(neg_unary, [kn.filter(x, out=f) for kn, x, f in zip(kernels, inputs, filtered)], posts, [ones], [q])
+    step([ones], [q])
     return q

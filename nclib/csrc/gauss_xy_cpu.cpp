@@ -12,7 +12,8 @@
 // into a ring of 2R + 4 rows (stays in L2) and sums them vertically, 4 output rows at a time. Every output is
 // the same float expression in the same order whatever the banding: results do not depend on the thread count.
 // Multiply-adds are fused (FMA) here: nothing else has to round like this kernel.
-// Registered as torch.ops.nclib_gauss.blur_xy; linked into the "cpu" build.
+// Registered as torch.ops.nclib_gauss.blur_xy, and blur_update: the dense CRF's mean-field update with this blur as
+// its last term, fed row by row (meanfield_rows.h); linked into the "cpu" build.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,7 +29,13 @@
 #include <immintrin.h>
 #endif
 
+#include "meanfield_rows.h"
+
 namespace nclib {
+
+mf::Rows check_meanfield_rows(const at::Tensor& unary, at::TensorList filtered, at::TensorList post,
+                              at::TensorList pre, at::TensorList out, int extra, const char* op);  // meanfield_cpu.cpp
+
 namespace {
 
 // Horizontal pass: dst[e] = g0 * c[e] + sum_{t=1..R} g_t * (c[e - t*s] + c[e + t*s]) for e in [0, n), c readable
@@ -111,25 +118,11 @@ inline void vpass(float* const* dst, int rows_out, const float* const* in, int64
 #endif
 }
 
-void blur_xy(const at::Tensor& values, int64_t batch, int64_t height, int64_t width, const at::Tensor& taps,
-             const at::Tensor& out) {
-  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == at::kFloat && values.dim() == 2 &&
-                  values.is_contiguous(),
-              "blur_xy: values must be a contiguous (B*H*W, K) float32 CPU tensor");
-  TORCH_CHECK(batch >= 1 && height >= 1 && width >= 1 && values.size(0) == batch * height * width,
-              "blur_xy: values have ", values.size(0), " rows, not B*H*W = ", batch * height * width);
-  TORCH_CHECK(taps.device().is_cpu() && taps.scalar_type() == at::kFloat && taps.dim() == 1 && taps.numel() >= 1 &&
-                  taps.is_contiguous(),
-              "blur_xy: taps must be a contiguous 1-D float32 CPU tensor (g_0 .. g_R)");
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                  out.sizes() == values.sizes() && out.data_ptr<float>() != values.data_ptr<float>(),
-              "blur_xy: out must be a contiguous float32 CPU tensor shaped like values, not values itself");
-  const int64_t K = values.size(1);
-  const int R = static_cast<int>(taps.numel() - 1);
-  const int64_t H = height, n = width * K;  // n: floats per row
-  const float* g = taps.data_ptr<float>();
-  const float* in = values.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+// The blur of values (B*H*W, K) (taps g_0..g_R), handing each group of up to kRows output rows to
+// sink(b, y, rows_out, rows): rows[j] (W*K floats, scratch) is output row y + j of image b. Parallel over bands.
+template <typename Sink>
+void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, const float* g, int R, Sink sink) {
+  const int64_t n = W * K;  // floats per row
   // Bands of output rows: enough for every thread even at batch 1, few enough that the 2R rows a band
   // recomputes above and below it stay a small share.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -144,15 +137,17 @@ void blur_xy(const at::Tensor& values, int64_t batch, int64_t height, int64_t wi
     const int64_t ring = ni;  // horizontally blurred rows y - R .. y + kRows - 1 + R
     std::vector<float> padded(static_cast<size_t>(n + 2 * R * K), 0.f);  // one input row, R zero pixels each side
     std::vector<float> rows(static_cast<size_t>(ring * n));
+    std::vector<float> outbuf(static_cast<size_t>(kRows * n));
     const std::vector<float> zero(static_cast<size_t>(n), 0.f);
     std::vector<const float*> vin(static_cast<size_t>(ni));
     float* mid = padded.data() + R * K;
+    float* outs[kRows];
+    for (int j = 0; j < kRows; ++j) outs[j] = outbuf.data() + j * n;
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / per_image;
       const int64_t y0 = (task % per_image) * band, y1 = std::min(H, y0 + band);
       if (y0 >= y1) continue;
       const float* img = in + b * H * n;
-      float* dst = o + b * H * n;
       int64_t done = std::max<int64_t>(0, y0 - R);  // input rows [.., done) are in the ring
       for (int64_t y = y0; y < y1; y += kRows) {
         const int rows_out = static_cast<int>(std::min<int64_t>(kRows, y1 - y));
@@ -164,12 +159,64 @@ void blur_xy(const at::Tensor& values, int64_t batch, int64_t height, int64_t wi
           const int64_t yy = y - R + i;
           vin[i] = (yy < 0 || yy >= H) ? zero.data() : rows.data() + (yy % ring) * n;
         }
-        float* outs[kRows];
-        for (int j = 0; j < kRows; ++j) outs[j] = dst + std::min(y + j, H - 1) * n;
         vpass(outs, rows_out, vin.data(), n, wt.data(), ni);
+        sink(b, y, rows_out, outs);
       }
     }
   });
+}
+
+void check_blur(const at::Tensor& values, int64_t batch, int64_t height, int64_t width, const at::Tensor& taps,
+                const char* op) {
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == at::kFloat && values.dim() == 2 &&
+                  values.is_contiguous(),
+              op, ": values must be a contiguous (B*H*W, K) float32 CPU tensor");
+  TORCH_CHECK(batch >= 1 && height >= 1 && width >= 1 && values.size(0) == batch * height * width,
+              op, ": values have ", values.size(0), " rows, not B*H*W = ", batch * height * width);
+  TORCH_CHECK(taps.device().is_cpu() && taps.scalar_type() == at::kFloat && taps.dim() == 1 && taps.numel() >= 1 &&
+                  taps.is_contiguous(),
+              op, ": taps must be a contiguous 1-D float32 CPU tensor (g_0 .. g_R)");
+}
+
+void blur_xy(const at::Tensor& values, int64_t batch, int64_t height, int64_t width, const at::Tensor& taps,
+             const at::Tensor& out) {
+  check_blur(values, batch, height, width, taps, "blur_xy");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.sizes() == values.sizes() && out.data_ptr<float>() != values.data_ptr<float>(),
+              "blur_xy: out must be a contiguous float32 CPU tensor shaped like values, not values itself");
+  const int64_t K = values.size(1), n = width * K;
+  float* o = out.data_ptr<float>();
+  blur_rows(values.data_ptr<float>(), batch, height, width, K, taps.data_ptr<float>(),
+            static_cast<int>(taps.numel() - 1), [&](int64_t b, int64_t y, int rows_out, float* const* rows) {
+              for (int j = 0; j < rows_out; ++j) std::memcpy(o + (b * height + y + j) * n, rows[j], sizeof(float) * n);
+            });
+}
+
+// One mean-field update (meanfield_rows.h) whose last term is post_blur * blur(values), the blurred rows fed to
+// the update as they come out of the blur: the blurred (P, K) array is never written nor read back.
+void blur_update(const at::Tensor& values, int64_t batch, int64_t height, int64_t width, const at::Tensor& taps,
+                 const at::Tensor& post_blur, const at::Tensor& unary, at::TensorList filtered, at::TensorList post,
+                 at::TensorList pre, at::TensorList out) {
+  check_blur(values, batch, height, width, taps, "blur_update");
+  mf::Rows r = check_meanfield_rows(unary, filtered, post, pre, out, 1, "blur_update");
+  TORCH_CHECK(unary.sizes() == values.sizes(), "blur_update: unary and values must have the same shape (P, K)");
+  TORCH_CHECK(post_blur.is_contiguous() && post_blur.scalar_type() == at::kFloat && post_blur.numel() == unary.size(0),
+              "blur_update: post_blur must be a contiguous float32 (P, 1)");
+  for (const auto& o : out)  // other bands still read values while one writes its rows
+    TORCH_CHECK(o.data_ptr<float>() != values.data_ptr<float>(), "blur_update: out must not be values");
+  const int64_t K = values.size(1);
+  r.po[r.J] = post_blur.data_ptr<float>();
+  r.f[r.J] = nullptr;  // set per row below
+  ++r.J;
+  blur_rows(values.data_ptr<float>(), batch, height, width, K, taps.data_ptr<float>(),
+            static_cast<int>(taps.numel() - 1), [&](int64_t b, int64_t y, int rows_out, float* const* rows) {
+              for (int j = 0; j < rows_out; ++j) {
+                const int64_t first = (b * height + y + j) * width;
+                mf::Rows s = mf::offset(r, first, K);
+                s.f[r.J - 1] = rows[j];
+                mf::update_pixels(s, width, K);
+              }
+            });
 }
 
 }  // namespace
@@ -177,4 +224,7 @@ void blur_xy(const at::Tensor& values, int64_t batch, int64_t height, int64_t wi
 
 TORCH_LIBRARY_FRAGMENT(nclib_gauss, m) {
   m.def("blur_xy(Tensor values, int batch, int height, int width, Tensor taps, Tensor out) -> ()", &nclib::blur_xy);
+  m.def("blur_update(Tensor values, int batch, int height, int width, Tensor taps, Tensor post_blur, Tensor unary, "
+        "Tensor[] filtered, Tensor[] post, Tensor[] pre, Tensor[] out) -> ()",
+        &nclib::blur_update);
 }
