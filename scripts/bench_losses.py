@@ -196,7 +196,13 @@ def measure(args, only: set):
     bmed = {k: statistics.median(x[0] for x in v) for k, v in base.items()}
     cpu = {k: statistics.median(x[1] for x in v) for k, v in ours.items()}
     bcpu = {k: statistics.median(x[1] for x in v) for k, v in base.items()}
-    return med, bmed, cpu, bcpu
+    # paired: the median over runs of baseline / this for the two calls timed back to back (robust to load drifts)
+    paired = {k: statistics.median(b[0] / o[0] for o, b in zip(ours[k], v)) for k, v in base.items()}
+    if "pydensecrf" in ours:
+        for k in ("crf", "crf_b2"):
+            if k in ours:
+                paired[f"pydensecrf/{k}"] = statistics.median(r[0] / o[0] for o, r in zip(ours[k], ours["pydensecrf"]))
+    return med, bmed, cpu, bcpu, paired
 
 
 def main() -> int:
@@ -212,7 +218,7 @@ def main() -> int:
         serve()
         return 0
     only = set(filter(None, args.only.split(",")))
-    med, bmed, cpu, bcpu = measure(args, only)
+    med, bmed, cpu, bcpu, paired = measure(args, only)
     n = args.runs
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     import torch
@@ -256,6 +262,9 @@ def main() -> int:
         else:
             lines.append(f"| {label} | {med[key]:.1f} | {goal} |")
     lines += crf_ratio_lines(med, bmed)
+    if paired:
+        lines += ["", "Paired speed-ups (median over runs of the ratio of back-to-back calls): "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items()) + "."]
     lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

@@ -135,10 +135,14 @@ void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, 
     for (int i = j; i <= j + 2 * R; ++i) wt[j * ni + i] = g[std::abs(i - R - j)];
   at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {
     const int64_t ring = ni;  // horizontally blurred rows y - R .. y + kRows - 1 + R
-    std::vector<float> padded(static_cast<size_t>(n + 2 * R * K), 0.f);  // one input row, R zero pixels each side
-    std::vector<float> rows(static_cast<size_t>(ring * n));
-    std::vector<float> outbuf(static_cast<size_t>(kRows * n));
-    const std::vector<float> zero(static_cast<size_t>(n), 0.f);
+    // Scratch kept per thread between calls (the CRF blurs 10 times per image; ~1 MB of fresh pages each time
+    // would be page faults and zeroing): one input row with R zero pixels each side, the ring, the output rows
+    // and a row of zeros (the rows off the image).
+    thread_local std::vector<float> padded, rows, outbuf, zero;
+    padded.assign(static_cast<size_t>(n + 2 * R * K), 0.f);
+    if (rows.size() < static_cast<size_t>(ring * n)) rows.resize(static_cast<size_t>(ring * n));
+    if (outbuf.size() < static_cast<size_t>(kRows * n)) outbuf.resize(static_cast<size_t>(kRows * n));
+    if (zero.size() < static_cast<size_t>(n)) zero.assign(static_cast<size_t>(n), 0.f);
     std::vector<const float*> vin(static_cast<size_t>(ni));
     float* mid = padded.data() + R * K;
     float* outs[kRows];
