@@ -49,6 +49,7 @@ smoke: setup data
 	$(NB_ENV) NCLIB_FIGURES=$(CURDIR)/build/figures $(BIN)/python scripts/run_notebooks.py params/smoke.yaml
 
 # BASELINE=<path of another checkout, e.g. a git worktree of the previous main>: same-run ratios for the losses.
+# tests/test_bench_scripts.py (make unit) runs each script with --quick, its tables in a temporary folder.
 bench: setup
 	$(BIN)/python scripts/bench_lattice.py
 	$(BIN)/python scripts/bench_losses.py $(if $(BASELINE),--baseline $(BASELINE))

@@ -6,6 +6,8 @@ several runs. The goals of the foundation issue are printed beside the measureme
 Every timing is paired with the CPU kernel of a baseline revision measured in the same run, calls alternating
 (``NCLIB_BASELINE_REF``, default ``main``; see scripts/lattice_baseline.py): the Python side is this checkout's in
 both, so the ratio (baseline / ours, > 1 is faster) is the kernels' alone. ``NCLIB_BASELINE_REF=none`` skips it.
+
+``--quick --out FILE``: the same tables on tiny images, one run, no warm-up (a smoke test of the script).
 """
 from __future__ import annotations
 
@@ -29,8 +31,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "lattice.md")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/lattice.md")
+    ap.add_argument("--quick", action="store_true", help="tiny images, 1 run, no warm-up (a smoke test; needs --out)")
     args = ap.parse_args()
+    if args.quick and args.out is None:
+        ap.error("--quick needs --out: its tables must not replace benchmarks/lattice.md")
+    args.out = args.out or ROOT / "benchmarks" / "lattice.md"
+    table_sizes = ((48, 1),) if args.quick else ((321, 2), (321, 1), (513, 2))  # (size, batch) of the photo table
+    scaling_sizes = (32, 48) if args.quick else (128, 256, 512, 1024)
+    crop = 32 if args.quick else 64  # of the accuracy table (exact O(N^2) filter)
+    names = ("astronaut",) if args.quick else ("astronaut", "coffee", "chelsea", "rocket")
+    sigmas_xy = (10.0,) if args.quick else (10.0, 30.0)
+    warmup = 0 if args.quick else 1
+    if args.quick:
+        args.runs = 1
     torch.set_num_threads(args.threads)
     nclib.lattice.Permutohedral(torch.zeros(1, 5, 4, 4))  # build the extension outside the timings
 
@@ -40,8 +54,8 @@ def main() -> None:
         """(ours ms, baseline ms or None): medians over `runs` alternating calls of fn() and of theirs() (default
         fn) under the baseline kernel."""
         if baseline is None:
-            return median_ms(fn, runs), None
-        return paired_median_ms(fn, theirs or fn, runs, baseline)
+            return median_ms(fn, runs, warmup), None
+        return paired_median_ms(fn, theirs or fn, runs, baseline, warmup=warmup)
 
     def cell(pair, per=1.0):
         ours, base = pair
@@ -66,7 +80,7 @@ def main() -> None:
         "| size | batch | build ms/img | filter ms/img | total ms/img | normalized filter ms/img | vertices / pixels |",
         "|---|---|---|---|---|---|---|",
     ]
-    for size, batch in ((321, 2), (321, 1), (513, 2)):
+    for size, batch in table_sizes:
         imgs = photos(size)[:batch]
         feats = rgbxy_features(imgs, 15.0, 100.0)
         vals = torch.rand(batch, 21, size, size)
@@ -84,33 +98,34 @@ def main() -> None:
         print(lines[-1], flush=True)
 
     lines += ["", "## Linear scaling (one photo, 21 channels, build + filter)", "",
-              "| size | ms | ns / pixel | ratio to 128^2 |", "|---|---|---|---|"]
+              f"| size | ms | ns / pixel | ratio to {scaling_sizes[0]}^2 |", "|---|---|---|---|"]
     base = None
-    for size in (128, 256, 512, 1024):
+    for size in scaling_sizes:
         img = photos(size, ("astronaut",))
         feats = rgbxy_features(img, 15.0, 100.0 * size / 321)  # same kernel relative to the image
         vals = torch.rand(1, 21, size, size)
-        ms = timed(lambda: Permutohedral(feats).filter(vals), max(7, args.runs // (1 + size // 512)))
+        runs = args.runs if args.quick else max(7, args.runs // (1 + size // 512))
+        ms = timed(lambda: Permutohedral(feats).filter(vals), runs)
         ns = ms[0] * 1e6 / size**2
         base = base or ns
         lines.append(f"| {size}^2 | {cell(ms)} | {ns:.1f} | {ns / base:.2f} |")
         print(lines[-1], flush=True)
 
-    lines += ["", "## Accuracy against the exact Gaussian (64x64 crops, a photo's own RGB, normalized)", "",
+    lines += ["", f"## Accuracy against the exact Gaussian ({crop}x{crop} crops, a photo's own RGB, normalized)", "",
               "| photo | sigma_xy | relative RMS error | symmetry <Wx,y> vs <x,Wy> | adjoint error |",
               "|---|---|---|---|---|"]
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = photo_tensor(name, crop=64)
-        for sxy in (10.0, 30.0):
+    for name in names:
+        img = photo_tensor(name, crop=crop)
+        for sxy in sigmas_xy:
             f = rgbxy_features(img, 15.0, sxy)
             lat = Permutohedral(f)
             err = relative_rms_error(lat.filter(img, normalize=True), exact_gaussian_filter(img.double(), f.double(), True))
-            x, y = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+            x, y = torch.rand(1, 3, crop, crop), torch.rand(1, 3, crop, crop)
             a = float((lat.filter(x).double() * y).sum())
             sym = abs(a - float((x * lat.filter(y).double()).sum())) / abs(a)
             adj = abs(a - float((x * lat.filter(y, transpose=True).double()).sum())) / abs(a)
             lines.append(f"| {name} | {sxy:.0f} | {100 * err:.2f}% | {sym:.1e} | {adj:.1e} |")
-    print("\n".join(lines[-9:]))
+    print("\n".join(lines[-len(names) * len(sigmas_xy) - 1:]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written to {args.out}")

@@ -1,9 +1,10 @@
 """Benchmark the NC loss (forward + backward) and dense-CRF inference; writes benchmarks/losses.md.
 
-Usage: python scripts/bench_losses.py [--runs 7] [--baseline PATH] [--out benchmarks/losses.md] [--threads 2]
-[--only crf_b2,pydensecrf] (``make bench BASELINE=PATH``; e.g. ``git worktree add /tmp/nclib-base <previous main>``
-for PATH). The paired 1-thread CRF measurement of a shared machine: ``--threads 1 --only crf_b2,pydensecrf
---baseline PATH --runs 9 --out /tmp/crf.md``.
+Usage: python scripts/bench_losses.py [--runs 7] [--baseline PATH] [--out benchmarks/losses.md] [--quick]
+[--threads 2] [--only KEY,KEY] (``make bench BASELINE=PATH``; e.g. ``git worktree add /tmp/nclib-base <previous
+main>`` for PATH). The paired 1-thread dense-CRF measurement for a shared machine (batch 2 as in the acceptance
+check, pydensecrf2 timed between the two checkouts' calls): ``--threads 1 --only crf_b2,pydensecrf --baseline
+PATH --runs 15 --out benchmarks/crf_1thread.md``.
 
 Real photos (scikit-image astronaut and coffee, resized and centre-cropped to 321x321), 21 classes, 2 threads,
 median of several runs after one warm-up. Each checkout is timed in its own child process so that two versions
@@ -11,7 +12,9 @@ can be compared in the same run: ``--baseline PATH`` names a second checkout (e.
 ``git worktree add /tmp/nclib-base <commit>`` of the previous main) whose figures are timed run by run
 alternately with this one's and reported as a ratio (the same load on both). pydensecrf (pip package pydensecrf2)
 is timed in the same run as the CRF baseline when installed (it is single-threaded). The machine may be shared:
-only same-run ratios are comparable between runs.
+only same-run ratios are comparable between runs; the figures are interleaved run by run, and the paired speed-ups
+(the median of per-run ratios of back-to-back calls) are the least sensitive to load changes. ``--quick --out FILE``: the same table on 48x48 images with
+4 classes, one run, no warm-up (a smoke test of the script, its child processes and the baseline path).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, K = 321, 21
+QUICK_SIZE, QUICK_K = 48, 4
 
 #: (key, label, goal) of every figure, in table order.
 FIGURES = [
@@ -35,16 +39,20 @@ FIGURES = [
     ("build", "  lattice build, batch 2 RGBXY (ms)", ""),
     ("filter", "  lattice filter, 21 channels, batch 2 (ms, one pass)", ""),
     ("crf", "dense CRF, 10 iterations, 321x321, 21 labels (ms / image)", "<= 150"),
-    ("crf_b2", "  same, batch 2 (ms / image)", "<= 150"),
     ("crf_build", "  build appearance (RGBXY 5/121) + smoothness (XY 3) lattices (ms)", ""),
     ("crf_filter", "  one lattice filter pass appearance + smoothness, 21 channels (ms)", ""),
     ("pydensecrf", "pydensecrf2 dense CRF, same input, 1 thread (ms / image)", "CRF >= 2.5x faster"),
 ]
+#: Figures timed only when named in ``--only``.
+OPTIONAL_FIGURES = [
+    ("crf_b2", "dense CRF as crf, batch 2 (the acceptance check's case) (ms / image)", "<= 150"),
+]
 
 
-def figures() -> dict:
+def figures(size: int = SIZE, k: int = K) -> dict:
     """Every figure as a zero-argument callable, with the nclib importable here (a child process), public API
-    only, so that any checkout since the benchmark's first version can be timed."""
+    only, so that any checkout since the benchmark's first version can be timed; (2, 3, size, size) photos, k
+    classes."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -59,11 +67,11 @@ def figures() -> dict:
     def network_like_logits(img, seed=0):
         g = torch.Generator().manual_seed(seed)
         b, _, h, w = img.shape
-        coarse = torch.randn(b, K, (h + 7) // 8, (w + 7) // 8, generator=g) * 3
+        coarse = torch.randn(b, k, (h + 7) // 8, (w + 7) // 8, generator=g) * 3
         return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
     torch.set_num_threads(int(os.environ.get("NCLIB_BENCH_THREADS", "2")))
-    imgs = photos(SIZE, ("astronaut", "coffee"))
+    imgs = photos(size, ("astronaut", "coffee"))
     logits = network_like_logits(imgs).requires_grad_(True)
 
     def nc(scale):
@@ -98,7 +106,7 @@ def figures() -> dict:
     unary = np.ascontiguousarray(unary_from_softmax(probs1[0].numpy()))
 
     def ref():
-        d = dcrf.DenseCRF2D(SIZE, SIZE, K)
+        d = dcrf.DenseCRF2D(size, size, k)
         d.setUnaryEnergy(unary)
         d.addPairwiseGaussian(sxy=3, compat=3)
         d.addPairwiseBilateral(sxy=121, srgb=5, rgbim=rgb, compat=4)
@@ -108,28 +116,30 @@ def figures() -> dict:
     return out
 
 
-def serve() -> None:
+def serve(quick: bool = False) -> None:
     """Child mode: print the figure names, then for each figure name read on stdin print its wall-clock and
     process CPU times in ms."""
-    figs = figures()
+    figs = figures(QUICK_SIZE, QUICK_K) if quick else figures()
     print(json.dumps(sorted(figs)), flush=True)
     for line in sys.stdin:
         name = line.strip()
         fn = figs[name]
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        per = 2 if name == "crf_b2" else 1  # per image
-        print(json.dumps([(time.perf_counter() - t0) * 1e3 / per, (time.process_time() - c0) * 1e3 / per]), flush=True)
+        per = 2 if name == "crf_b2" else 1  # ms per image
+        print(json.dumps([(time.perf_counter() - t0) * 1e3 / per, (time.process_time() - c0) * 1e3 / per]),
+              flush=True)
 
 
 class Child:
     """A child interpreter that imports nclib from ``checkout`` and times one figure call per request."""
 
-    def __init__(self, checkout: Path, threads: int = 2):
+    def __init__(self, checkout: Path, quick: bool = False, threads: int = 2):
         env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(threads),
                    NCLIB_BENCH_THREADS=str(threads))
         env.setdefault("NCLIB_BUILD_DIR", str(checkout / "build" / "extensions"))  # one kernel build each
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve"], env=env,
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve"] + (["--quick"] if quick else [])
+        self.proc = subprocess.Popen(argv, env=env,
                                      cwd=str(checkout), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.names = json.loads(self._line(checkout))
 
@@ -159,32 +169,22 @@ def git_describe(path: Path) -> str:
         return str(path)
 
 
-def crf_ratio_lines(med: dict, bmed: dict) -> list:
-    """The same-run speed-ups of the dense CRF (this checkout, the baseline) over pydensecrf2."""
-    lines = []
-    for crf in ("crf", "crf_b2"):
-        if "pydensecrf" in med and crf in med:
-            ratio = med["pydensecrf"] / med[crf]
-            lines += ["", f"Dense CRF ({crf}) vs pydensecrf2 in the same run: {ratio:.2f}x faster (goal >= 2.5x)."]
-            if crf in bmed:
-                lines.append(f"Baseline CRF ({crf}) vs pydensecrf2: {med['pydensecrf'] / bmed[crf]:.2f}x.")
-    return lines
-
-
-def measure(args, only: set):
-    """Median wall-clock and CPU ms per figure of this checkout and the baseline: one warm-up each, then run by
-    run every figure in turn, each alternating between the checkouts (so pydensecrf2 shares the CRF's load)."""
-    ours_child = Child(ROOT, args.threads)
-    base_child = Child(args.baseline.resolve(), args.threads) if args.baseline else None
-    keys = [k for k, _, _ in FIGURES if k in ours_child.names and (not only or k in only)]
+def measure(baseline, runs: int, warmup: int, quick: bool, threads: int = 2, only=()) -> tuple[dict, dict]:
+    """{figure: [[wall ms, CPU ms] per run]} of this checkout and of the ``baseline`` checkout (empty without one):
+    ``warmup`` untimed calls each, then ``runs`` rounds; each round times every figure in turn (the figures in
+    ``only``, or all of FIGURES), each call of this checkout followed by the baseline's."""
+    ours_child = Child(ROOT, quick, threads)
+    base_child = Child(baseline.resolve(), quick, threads) if baseline else None
+    wanted = set(only) if only else {k for k, _, _ in FIGURES}
+    keys = [k for k, _, _ in FIGURES + OPTIONAL_FIGURES if k in ours_child.names and k in wanted]
     both = {k: k != "pydensecrf" and base_child is not None and k in base_child.names for k in keys}
     ours: dict = {}
     base: dict = {}
-    for rep in range(args.runs + 1):
+    for rnd in range(warmup + runs):
         for key in keys:
             t = ours_child.time(key)
             b = base_child.time(key) if both[key] else None
-            if rep == 0:  # warm-up
+            if rnd < warmup:
                 continue
             ours.setdefault(key, []).append(t)
             if b is not None:
@@ -192,33 +192,57 @@ def measure(args, only: set):
     for c in (ours_child, base_child):
         if c is not None:
             c.close()
-    med = {k: statistics.median(x[0] for x in v) for k, v in ours.items()}
-    bmed = {k: statistics.median(x[0] for x in v) for k, v in base.items()}
-    cpu = {k: statistics.median(x[1] for x in v) for k, v in ours.items()}
-    bcpu = {k: statistics.median(x[1] for x in v) for k, v in base.items()}
-    # paired: the median over runs of baseline / this for the two calls timed back to back (robust to load drifts)
-    paired = {k: statistics.median(b[0] / o[0] for o, b in zip(ours[k], v)) for k, v in base.items()}
-    if "pydensecrf" in ours:
-        for k in ("crf", "crf_b2"):
-            if k in ours:
-                paired[f"pydensecrf/{k}"] = statistics.median(r[0] / o[0] for o, r in zip(ours[k], ours["pydensecrf"]))
-    return med, bmed, cpu, bcpu, paired
+    return ours, base
+
+
+def paired_speedups(ours: dict, base: dict) -> dict:
+    """Median over runs of the ratio of back-to-back calls: baseline / this per figure, and pydensecrf2 / this
+    for the CRF figures (robust to load that drifts during the run)."""
+    out = {k: statistics.median(b[0] / o[0] for o, b in zip(ours[k], v)) for k, v in base.items()}
+    for k in ("crf", "crf_b2"):
+        if k in ours and "pydensecrf" in ours:
+            out[f"pydensecrf2 / {k}"] = statistics.median(r[0] / o[0] for o, r in zip(ours[k], ours["pydensecrf"]))
+    return out
+
+
+def crf_lines(med: dict, bmed: dict) -> list:
+    """The same-run speed-ups of the dense CRF (this checkout, the baseline) over pydensecrf2."""
+    lines = []
+    for key, what in (("crf", "CRF"), ("crf_b2", "CRF batch 2")):
+        if "pydensecrf" in med and key in med:
+            ratio = med["pydensecrf"] / med[key]
+            lines += ["", f"Dense {what} vs pydensecrf2 in the same run: {ratio:.2f}x faster (goal >= 2.5x)."]
+            if key in bmed:
+                lines.append(f"Baseline {what} vs pydensecrf2: {med['pydensecrf'] / bmed[key]:.2f}x.")
+    return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="timed runs per figure (after one warm-up)")
     ap.add_argument("--baseline", type=Path, help="another nclib checkout to time in the same run (ratio)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "losses.md"))
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of both children")
-    ap.add_argument("--only", default="", help="comma-separated figure keys to time (default: all)")
+    ap.add_argument("--out", help="default: benchmarks/losses.md")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"{QUICK_SIZE}x{QUICK_SIZE} images, {QUICK_K} classes, 1 run, no warm-up (a smoke test; needs --out)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of both children (default 2)")
+    ap.add_argument("--only", default="", help="comma-separated figure keys to time, e.g. crf_b2,pydensecrf")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.serve:
-        serve()
+        serve(args.quick)
         return 0
-    only = set(filter(None, args.only.split(",")))
-    med, bmed, cpu, bcpu, paired = measure(args, only)
+    if args.quick and args.out is None:
+        ap.error("--quick needs --out: its table must not replace benchmarks/losses.md")
+    args.out = args.out or str(ROOT / "benchmarks" / "losses.md")
+    if args.quick:
+        args.runs = 1
+    only = tuple(filter(None, args.only.split(",")))
+    ours, base = measure(args.baseline, args.runs, warmup=0 if args.quick else 1, quick=args.quick,
+                         threads=args.threads, only=only)
+    med = {k: statistics.median(x[0] for x in v) for k, v in ours.items()}
+    bmed = {k: statistics.median(x[0] for x in v) for k, v in base.items() if k != "pydensecrf"}
+    cpu = {k: statistics.median(x[1] for x in v) for k, v in ours.items()}
+    bcpu = {k: statistics.median(x[1] for x in v) for k, v in base.items() if k != "pydensecrf"}
     n = args.runs
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     import torch
@@ -227,7 +251,7 @@ def main() -> int:
         "# Loss and dense-CRF benchmarks",
         "",
         f"`python scripts/bench_losses.py --runs {args.runs}"
-        f"{' --baseline ' + str(args.baseline) if args.baseline else ''}"
+        f"{' --baseline ' + str(args.baseline) if args.baseline else ''}{' --quick' if args.quick else ''}"
         f"{f' --threads {args.threads}' if args.threads != 2 else ''}{f' --only {args.only}' if only else ''}`: "
         f"median of {n} runs after a warm-up"
         f"{', alternating with the baseline run by run' if args.baseline else ''}, figures interleaved, "
@@ -247,10 +271,10 @@ def main() -> int:
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     else:
         lines += ["| what | ms | goal |", "| --- | ---: | --- |"]
-    for key, label, goal in FIGURES:
+    for key, label, goal in FIGURES + OPTIONAL_FIGURES:
+        if key not in (only or [k for k, _, _ in FIGURES]):
+            continue
         if key not in med:
-            if only and key not in only:
-                continue
             lines.append(f"| {label}: not measured (pydensecrf2 not installed) | | {goal} |")
             continue
         if args.baseline:
@@ -261,7 +285,8 @@ def main() -> int:
                          f"| {'' if bc is None else f'{bc:.1f}'} | {cratio} | {goal} |")
         else:
             lines.append(f"| {label} | {med[key]:.1f} | {goal} |")
-    lines += crf_ratio_lines(med, bmed)
+    lines += crf_lines(med, bmed)
+    paired = paired_speedups(ours, base)
     if paired:
         lines += ["", "Paired speed-ups (median over runs of the ratio of back-to-back calls): "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items()) + "."]

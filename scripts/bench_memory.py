@@ -3,7 +3,9 @@
 Each measurement runs in a fresh interpreter (peak RSS is per process): ``ru_maxrss`` after the inputs are made and
 after one ``normalized_cut_loss(...).backward()``. ``--baseline PATH`` measures another checkout the same way.
 
-    python scripts/bench_memory.py [--size 2000] [--baseline PATH]
+    python scripts/bench_memory.py [--size 2000] [--baseline PATH] [--quick --out FILE]
+
+``--quick``: a 48x48 image (a smoke test of the script and its baseline path; the numbers are not the goal's).
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
 
 def peak_gb(checkout: Path, size: int) -> tuple[float, float]:
     """(RSS with the inputs only, peak RSS after forward + backward) in GB, Linux ru_maxrss (kB)."""
-    env = {**os.environ, "PYTHONPATH": str(checkout), "NCLIB_BUILD_DIR": str(checkout / "build" / "extensions")}
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    # one kernel build per checkout unless a build folder is set (kernel folders are named by a hash of the sources)
+    env.setdefault("NCLIB_BUILD_DIR", str(checkout / "build" / "extensions"))
     out = subprocess.run([sys.executable, "-c", CHILD.format(size=size)], cwd=checkout, env=env, check=True,
                          capture_output=True, text=True).stdout.split()
     return float(out[-2]), float(out[-1])
@@ -40,10 +44,15 @@ def peak_gb(checkout: Path, size: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", type=int, default=2000)
+    ap.add_argument("--size", type=int, help="image side in pixels (default 2000; 48 with --quick)")
     ap.add_argument("--baseline", type=Path, help="another nclib checkout, measured the same way")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "memory.md")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/memory.md")
+    ap.add_argument("--quick", action="store_true", help="a 48x48 image (a smoke test; needs --out)")
     args = ap.parse_args()
+    if args.quick and args.out is None:
+        ap.error("--quick needs --out: its table must not replace benchmarks/memory.md")
+    args.out = args.out or ROOT / "benchmarks" / "memory.md"
+    args.size = args.size or (48 if args.quick else 2000)
     rows = [("this checkout", *peak_gb(ROOT, args.size))]
     if args.baseline:
         rows.append((f"baseline {args.baseline}", *peak_gb(args.baseline.resolve(), args.size)))

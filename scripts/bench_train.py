@@ -5,7 +5,9 @@ The paper's anchor (Sec 5.2.1, P100 GPU + CPU bilateral filter, DeepLab-LargeFOV
 backward, update) on a batch of real default-set crops; median over repeats after warm-up. With a CUDA device and
 ``--gpu`` it also times DeepLab-ResNet-101 at batch 10, 321x321.
 
-    python scripts/bench_train.py [--repeats 7] [--batch 8] [--crop 96] [--gpu]
+    python scripts/bench_train.py [--repeats 7] [--batch 8] [--crop 96] [--gpu] [--quick --out FILE]
+
+``--quick``: batch 1, 48x48 crops, one step each, no warm-up (a smoke test of the script).
 """
 from __future__ import annotations
 
@@ -60,19 +62,26 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=96)
     ap.add_argument("--sigma-xy", type=float, default=30.0)
     ap.add_argument("--gpu", action="store_true", help="also time ResNet-101, batch 10, 321x321 on CUDA")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "train.md"))
+    ap.add_argument("--out", help="default: benchmarks/train.md")
+    ap.add_argument("--quick", action="store_true", help="batch 1, 48x48, 1 step, no warm-up (a smoke test; needs --out)")
     args = ap.parse_args()
+    if args.quick and args.out is None:
+        ap.error("--quick needs --out: its table must not replace benchmarks/train.md")
+    args.out = args.out or str(Path(__file__).resolve().parents[1] / "benchmarks" / "train.md")
+    warmup = 2
+    if args.quick:
+        args.repeats, args.batch, args.crop, warmup = 1, 1, 48, 0
     torch.set_num_threads(2)
     base = Config(model="small", crop=args.crop, scale_range=(1.0, 1.0), flip=False, sigma_xy=args.sigma_xy,
                   batch_size=args.batch, lr=0.01)
     batch, num_classes = batch_of(base, args.batch)
     cpu = torch.device("cpu")
     rows = []
-    t_ce = step_time(base, batch, num_classes, cpu, args.repeats)
+    t_ce = step_time(base, batch, num_classes, cpu, args.repeats, warmup)
     rows.append(("small", "cpu (2 threads)", args.batch, args.crop, "pCE", "-", t_ce, 1.0))
     for scale in (1.0, 0.5):
         cfg = base.replace(nc_weight=1.6, nc_scale=scale)
-        t = step_time(cfg, batch, num_classes, cpu, args.repeats)
+        t = step_time(cfg, batch, num_classes, cpu, args.repeats, warmup)
         rows.append(("small", "cpu (2 threads)", args.batch, args.crop, "pCE + NC", scale, t, t / t_ce))
     if args.gpu and torch.cuda.is_available():
         gcfg = base.replace(model="resnet101_aspp", crop=321, batch_size=10, sigma_rgb=12.0, sigma_xy=60.0)
@@ -88,7 +97,7 @@ def main() -> None:
         "# Training step: cross entropy only vs cross entropy + normalized cut",
         "",
         f"`python scripts/bench_train.py` on {platform.processor() or platform.machine()}, torch {torch.__version__};"
-        f" median of {args.repeats} steps after 2 warm-up steps; one step = forward, losses, backward, SGD update;"
+        f" median of {args.repeats} steps after {warmup} warm-up steps; one step = forward, losses, backward, SGD update;"
         f" real crops of the default scribble set; sigma_rgb 15, sigma_xy {args.sigma_xy:g} (crop pixels);"
         " NC at loss scale 0.5 = the authors' trick (loss on a half-size image, sigma_xy halved).",
         "",

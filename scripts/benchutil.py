@@ -12,9 +12,10 @@ from nclib.photos import photo_tensor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def median_ms(fn, runs: int) -> float:
-    """Median wall-clock milliseconds of ``fn()`` over ``runs`` calls, after one warm-up call."""
-    fn()
+def median_ms(fn, runs: int, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``runs`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
