@@ -1,6 +1,8 @@
 """Dense CRF mean field against pydensecrf (when installed) and against an exact-kernel mean field."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +177,104 @@ def test_fused_cpu_update_matches_softmax_formula(threads):
         ref = pr.double() * q
         assert torch.isfinite(o).all()
         assert float((o.double() - ref).abs().max()) <= 5e-7 * float(ref.abs().max())
+
+
+def dense_box_gaussian(values: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """Reference in float64: the dense (HW, HW) matrix exp(-|x_i - x_j|^2 / (2 sigma^2)) on |dx|, |dy| <= radius."""
+    b, c, h, w = values.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dy = (ys.reshape(-1, 1) - ys.reshape(1, -1)).double()
+    dx = (xs.reshape(-1, 1) - xs.reshape(1, -1)).double()
+    k = torch.exp(-(dx.square() + dy.square()) / (2 * sigma**2)) * ((dx.abs() <= radius) & (dy.abs() <= radius))
+    return torch.einsum("ij,bcj->bci", k, values.double().reshape(b, c, h * w)).reshape(b, c, h, w)
+
+
+@pytest.mark.parametrize("shape, sigma", [((2, 21, 37, 29), 3.0), ((1, 5, 9, 50), 1.5), ((1, 1, 7, 6), 2.0),
+                                          ((1, 17, 40, 3), 0.7)])
+def test_spatial_gaussian_filter_matches_dense_reference(shape, sigma):
+    """The separable grid Gaussian (blur_xy) against the dense float64 sum, borders included (images smaller than
+    the window, K not a multiple of the vector width); and against the untruncated exact filter within the
+    weight of the dropped tail (the 2-D mass outside the window times the largest value)."""
+    from nclib.crf import SPATIAL_TRUNCATE, spatial_gaussian_filter
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(*shape, generator=g, dtype=torch.float64)
+    radius = math.ceil(SPATIAL_TRUNCATE * sigma)
+    out = spatial_gaussian_filter(v, sigma)
+    assert out.dtype == torch.float32 and out.shape == v.shape
+    ref = dense_box_gaussian(v, sigma, radius)
+    assert float((out.double() - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+    t = torch.arange(1, 10 * radius + 1, dtype=torch.float64)
+    g1 = torch.exp(-t.square() / (2 * sigma**2))
+    dropped = float((1 + 2 * g1.sum()) ** 2 - (1 + 2 * g1[:radius].sum()) ** 2)  # 2-D mass outside the window
+    exact = exact_gaussian_filter(v, xy_features(v, sigma))
+    bound = dropped * float(v.max())
+    assert float((out.double() - exact).abs().max()) <= bound + 1e-6 * float(exact.abs().max())
+    if min(shape[2:]) > radius:  # the window cuts something off: the bound is not vacuous
+        assert float((ref - exact).abs().max()) > 0.01 * bound
+
+
+def test_spatial_gaussian_filter_bad_input():
+    from nclib.crf import spatial_gaussian_filter
+
+    with pytest.raises(ValueError, match="sigma_xy"):
+        spatial_gaussian_filter(torch.rand(1, 2, 8, 8), 0.0)
+    with pytest.raises(ValueError, match="values"):
+        spatial_gaussian_filter(torch.rand(2, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="values"):
+        spatial_gaussian_filter(torch.ones(1, 2, 8, 8, dtype=torch.int64), 1.0)
+
+
+def test_fused_blur_update_equals_blur_then_update_any_threads():
+    """blur_update (the blurred rows fed straight into the update) equals blur_xy followed by update bitwise, and
+    neither depends on the thread count (bands of rows run in parallel: 67 rows, radius 4, give several)."""
+    from nclib import _ext
+    from nclib.crf import SPATIAL_TRUNCATE
+
+    _ext.load("cpu")
+    g = torch.Generator().manual_seed(1)
+    b, h, w, k = 2, 67, 23, 21
+    n = b * h * w
+    sigma = 1.0
+    r = math.ceil(SPATIAL_TRUNCATE * sigma)
+    taps = torch.exp(-0.5 * (torch.arange(r + 1, dtype=torch.float64) / sigma) ** 2).float()
+    values, fa = torch.rand(n, k, generator=g), torch.rand(n, k, generator=g)
+    unary = torch.log(torch.rand(n, k, generator=g).clamp_min(1e-5))
+    post_a, post_s = torch.rand(n, 1, generator=g) * 4, torch.rand(n, 1, generator=g) * 3
+    pre = [torch.rand(n, 1, generator=g), torch.rand(n, 1, generator=g)]
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            blurred = torch.empty(n, k)
+            torch.ops.nclib_gauss.blur_xy(values, b, h, w, taps, blurred)
+            two = [torch.empty(n, k), torch.empty(n, k)]
+            torch.ops.nclib_meanfield.update(unary, [fa, blurred], [post_a, post_s], pre, two)
+            fused = [torch.empty(n, k), torch.empty(n, k)]
+            torch.ops.nclib_gauss.blur_update(values, b, h, w, taps, post_s, unary, [fa], [post_a], pre, fused)
+            results.append((blurred, two, fused))
+    finally:
+        torch.set_num_threads(old)
+    for (blurred, two, fused), (blurred2, two2, fused2) in [(results[0], results[1])]:
+        assert torch.equal(blurred, blurred2)
+        for x, y, z, zz in zip(two, fused, two2, fused2):
+            assert torch.equal(x, y) and torch.equal(x, z) and torch.equal(y, zz)
+    ref = dense_box_gaussian(values.reshape(b, h, w, k).permute(0, 3, 1, 2), sigma, r).permute(0, 2, 3, 1)
+    assert float((results[0][0].double() - ref.reshape(n, k)).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after", "none"])
+def test_roi_pixels_do_not_influence_inside_every_normalization(normalization):
+    """Both kernels (lattice and grid Gaussian) leave the padding out in every mode. Padded right and below only:
+    the appearance lattice is not shift-invariant, so the inside keeps its coordinates."""
+    img = resized_photo("coffee", 40)
+    p = network_like_probs(img, 3, seed=2)
+    roi = torch.zeros(1, 45, 49, dtype=torch.bool)
+    roi[:, :40, :40] = True
+    pad_img = F.pad(img, (0, 9, 0, 5), value=0.0)
+    # not uniform: a uniform Q outside would add the same to every label's message, which the softmax ignores
+    pad_p = torch.where(roi, F.pad(p, (0, 9, 0, 5)), torch.tensor([0.8, 0.15, 0.05])[:, None, None])
+    a = dense_crf(p, img, 5, normalization=normalization)
+    b = dense_crf(pad_p, pad_img, 5, roi=roi, normalization=normalization)[..., :40, :40]
+    assert torch.allclose(a, b, atol=1e-5)

@@ -2,123 +2,67 @@
 //   m = unary[p] + sum_j post_j[p] * filtered_j[p]      (K labels; Potts: the filtered Q is an agreement bonus)
 //   q = softmax(m)                                      (max subtracted: never overflows)
 //   out_j[p] = pre_j[p] * q                             (the next filters' inputs, or Q itself)
-// instead of about ten torch elementwise calls, each its own pass over (P, K) and its own parallel region.
+// instead of about ten torch elementwise calls, each its own pass over (P, K) and its own parallel region (the
+// per-pixel code is in meanfield_rows.h, shared with the fused blur update of gauss_xy_cpu.cpp).
 // Registered as torch.ops.nclib_meanfield.update; linked into the "cpu" build next to lattice_cpu.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "meanfield_rows.h"
 
 namespace nclib {
 namespace {
 
-// exp(x) for x <= 0 to ~2 ulp, branch-free so that the compiler vectorises the loop around it: x = n ln2 + r
-// (ln2 split in two for an exact reduction), e^r by its degree-6 Taylor-minimax polynomial on |r| <= ln2 / 2,
-// 2^n built in the exponent bits. n = round(x / ln2) by the 1.5 * 2^23 shifter, not std::floor (GCC vectorises
-// floor only under -fno-trapping-math). Below -87 (the float32 normal range) the result is 2^-126-ish, not 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const float shifted = x * 1.44269504088896341f + kShifter;
-  const float n = shifted - kShifter;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = (r * r) * p + r + 1.0f;
-  const int32_t bits = (__builtin_bit_cast(int32_t, shifted) - 0x4B400000 + 127) << 23;  // 2^n
-  return e * __builtin_bit_cast(float, bits);  // not memcpy: GCC does not vectorise a loop around that
-}
-
-// The max and the sum of a short row (K = 21 labels) in four independent chains: one chain is bound by the
-// add/max latency, and the compiler may not reassociate float sums by itself.
-inline float row_max(const float* v, int64_t K) {
-  float a[4] = {v[0], v[0], v[0], v[0]};
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4)
-    for (int l = 0; l < 4; ++l) a[l] = std::max(a[l], v[k + l]);
-  for (; k < K; ++k) a[0] = std::max(a[0], v[k]);
-  return std::max(std::max(a[0], a[1]), std::max(a[2], a[3]));
-}
-
-inline float row_sum(const float* v, int64_t K) {
-  float a[4] = {0.f, 0.f, 0.f, 0.f};
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4)
-    for (int l = 0; l < 4; ++l) a[l] += v[k + l];
-  for (; k < K; ++k) a[0] += v[k];
-  return (a[0] + a[1]) + (a[2] + a[3]);
+// The checked pointers of an update's tensors: unary (P, K); filtered[j] (P, K) and post[j] (P, 1); pre[i]
+// (P, 1) and out[i] (P, K). `extra` more terms are left for the caller (the fused blur's).
+mf::Rows check_rows(const at::Tensor& unary, at::TensorList filtered, at::TensorList post, at::TensorList pre,
+                    at::TensorList out, int extra, const char* op) {
+  TORCH_CHECK(unary.device().is_cpu() && unary.scalar_type() == at::kFloat && unary.dim() == 2 &&
+                  unary.is_contiguous(),
+              op, ": unary must be a contiguous (P, K) float32 CPU tensor");
+  const int64_t P = unary.size(0);
+  const int64_t K = unary.size(1);
+  TORCH_CHECK(post.size() == filtered.size() && pre.size() == out.size(), op, ": one post per filtered input");
+  TORCH_CHECK(static_cast<int>(filtered.size()) + extra <= mf::kMaxTerms && out.size() <= mf::kMaxOuts, op,
+              ": at most ", mf::kMaxTerms, " filtered inputs and ", mf::kMaxOuts, " outputs");
+  mf::Rows r{};
+  r.u = unary.data_ptr<float>();
+  r.J = static_cast<int>(filtered.size());
+  for (int j = 0; j < r.J; ++j) {
+    TORCH_CHECK(filtered[j].is_contiguous() && filtered[j].scalar_type() == at::kFloat &&
+                    filtered[j].numel() == P * K && post[j].is_contiguous() && post[j].numel() == P &&
+                    post[j].scalar_type() == at::kFloat,
+                op, ": filtered (P, K) and post (P, 1) must be contiguous float32");
+    r.f[j] = filtered[j].data_ptr<float>();
+    r.po[j] = post[j].data_ptr<float>();
+  }
+  r.O = static_cast<int>(out.size());
+  for (int i = 0; i < r.O; ++i) {
+    TORCH_CHECK(out[i].is_contiguous() && out[i].scalar_type() == at::kFloat && out[i].numel() == P * K &&
+                    pre[i].is_contiguous() && pre[i].numel() == P && pre[i].scalar_type() == at::kFloat,
+                op, ": out (P, K) and pre (P, 1) must be contiguous float32");
+    r.pr[i] = pre[i].data_ptr<float>();
+    r.o[i] = out[i].data_ptr<float>();
+  }
+  return r;
 }
 
 void update(const at::Tensor& unary, at::TensorList filtered, at::TensorList post, at::TensorList pre,
             at::TensorList out) {
-  TORCH_CHECK(unary.device().is_cpu() && unary.scalar_type() == at::kFloat && unary.dim() == 2 &&
-                  unary.is_contiguous(),
-              "meanfield update: unary must be a contiguous (P, K) float32 CPU tensor");
-  const int64_t P = unary.size(0);
-  const int64_t K = unary.size(1);
-  const size_t J = filtered.size();
-  TORCH_CHECK(post.size() == J && pre.size() == out.size(), "meanfield update: one post per filtered input");
-  std::vector<const float*> f(J), po(J);
-  for (size_t j = 0; j < J; ++j) {
-    TORCH_CHECK(filtered[j].is_contiguous() && filtered[j].scalar_type() == at::kFloat &&
-                    filtered[j].numel() == P * K && post[j].is_contiguous() && post[j].numel() == P,
-                "meanfield update: filtered (P, K) and post (P, 1) must be contiguous float32");
-    f[j] = filtered[j].data_ptr<float>();
-    po[j] = post[j].data_ptr<float>();
-  }
-  std::vector<const float*> pr(out.size());
-  std::vector<float*> o(out.size());
-  for (size_t i = 0; i < out.size(); ++i) {
-    TORCH_CHECK(out[i].is_contiguous() && out[i].scalar_type() == at::kFloat && out[i].numel() == P * K &&
-                    pre[i].is_contiguous() && pre[i].numel() == P,
-                "meanfield update: out (P, K) and pre (P, 1) must be contiguous float32");
-    pr[i] = pre[i].data_ptr<float>();
-    o[i] = out[i].data_ptr<float>();
-  }
-  const float* u = unary.data_ptr<float>();
-  // Blocks of kBlock pixels: every step but the per-pixel max and sum is a flat loop over the block's
-  // kBlock * K contiguous values, which the compiler vectorises (a loop over K = 21 alone does not).
-  constexpr int64_t kBlock = 64;
-  at::parallel_for(0, (P + kBlock - 1) / kBlock, 16, [&](int64_t blo, int64_t bhi) {
-    std::vector<float> buf(static_cast<size_t>(kBlock * K)), row(static_cast<size_t>(kBlock));
-    float* m = buf.data();
-    float* r = row.data();
-    for (int64_t blk = blo; blk < bhi; ++blk) {
-      const int64_t p0 = blk * kBlock, np = std::min(kBlock, P - p0), n = np * K;
-      std::memcpy(m, u + p0 * K, sizeof(float) * n);
-      for (size_t j = 0; j < J; ++j) {
-        const float* fp = f[j] + p0 * K;
-        const float* w = po[j] + p0;
-        for (int64_t i = 0; i < np; ++i)
-          for (int64_t k = 0; k < K; ++k) m[i * K + k] += w[i] * fp[i * K + k];
-      }
-      for (int64_t i = 0; i < np; ++i) r[i] = row_max(m + i * K, K);  // subtracted: exp never overflows
-      for (int64_t i = 0; i < np; ++i)
-        for (int64_t k = 0; k < K; ++k) m[i * K + k] -= r[i];
-      for (int64_t e = 0; e < n; ++e) m[e] = exp_nonpositive(m[e]);
-      for (int64_t i = 0; i < np; ++i) r[i] = 1.0f / row_sum(m + i * K, K);  // >= 1 term is exp(0) = 1
-      for (size_t o_i = 0; o_i < o.size(); ++o_i) {
-        const float* pre_p = pr[o_i] + p0;
-        float* op = o[o_i] + p0 * K;
-        for (int64_t i = 0; i < np; ++i) {
-          const float s = r[i] * pre_p[i];
-          for (int64_t k = 0; k < K; ++k) op[i * K + k] = m[i * K + k] * s;
-        }
-      }
-    }
-  });
+  const mf::Rows r = check_rows(unary, filtered, post, pre, out, 0, "meanfield update");
+  const int64_t P = unary.size(0), K = unary.size(1);
+  at::parallel_for(0, P, 1024, [&](int64_t lo, int64_t hi) { mf::update_pixels(mf::offset(r, lo, K), hi - lo, K); });
 }
 
 }  // namespace
+
+// Also the fused blur update's checks (gauss_xy_cpu.cpp).
+mf::Rows check_meanfield_rows(const at::Tensor& unary, at::TensorList filtered, at::TensorList post,
+                              at::TensorList pre, at::TensorList out, int extra, const char* op) {
+  return check_rows(unary, filtered, post, pre, out, extra, op);
+}
+
 }  // namespace nclib
 
 TORCH_LIBRARY_FRAGMENT(nclib_meanfield, m) {
