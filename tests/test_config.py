@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from nclib.train import Config, config_hash
+from nclib.train.config import _BOOKKEEPING
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,14 +24,15 @@ YAML_HASHES = {
     "voc_resnet101_full": "83da8ef6", "voc_resnet101_pce_more": "23c01e18", "voc_vgg16_full": "7ff2862c",
     "voc_vgg16_nc": "2480500b", "voc_vgg16_pce": "fbcc6b1c", "voc_vgg16_pce_more": "aa333733",
     "msra10k_kmeans": "8cfd5dbb", "msra10k_nc": "a60a2e33", "msra10k_saliency": "b6c9f41e",
-    # Table 2: networks trained on proposal masks (2026-11-30)
-    "default_proposal_grabcut": "60c9c640", "default_proposal_grabcut_ignore": "dab34342",
-    "default_proposal_nc": "cfe92c6b", "default_proposal_nc_ignore": "55d9bc19",
-    "default_proposal_kernelcut": "e9d83fe5", "default_proposal_kernelcut_ignore": "e2bc5513",
-    "regime_full": "6ab2952e", "regime_nc": "56ecd287", "regime_pce": "43b5a2d8", "regime_pce_more": "1f9d3a46",
-    "regime_pretrain": "2d832b7c",
+    # Table 2: networks trained on proposal masks; the regime and the horses: re-set (regime v2, 2026-11-30: a larger
+    # pre-training set with AdamW, fine-tuning at base rate 0.001)
+    "default_proposal_grabcut": "56deafd0", "default_proposal_grabcut_ignore": "739c739d",
+    "default_proposal_nc": "30b2b345", "default_proposal_nc_ignore": "b7a7593a",
+    "default_proposal_kernelcut": "3ac579e3", "default_proposal_kernelcut_ignore": "4817b1e3",
+    "regime_full": "24079b96", "regime_nc": "9e6c6ced", "regime_pce": "ef5bab6e", "regime_pce_more": "08f2d35f",
+    "regime_pretrain": "8ee18c9b",
     # the Weizmann horses (notebook 04)
-    "horses_full": "db25cf1b", "horses_pce": "ac1e37f9", "horses_pce_more": "a70481da", "horses_nc": "912d9d03",
+    "horses_full": "aa093875", "horses_pce": "bda57754", "horses_pce_more": "b659d89f", "horses_nc": "9fdfeb45",
 }
 
 
@@ -51,7 +53,9 @@ def test_yaml_configs_keep_their_hash():
         folder = REPO / "results" / f"{cfg.name}-{YAML_HASHES[name]}"
         if folder.is_dir():  # the stored run is this very config
             stored = Config.from_dict(json.loads((folder / "metrics.json").read_text())["config"])
-            assert stored.to_dict() == cfg.to_dict()
+            # bookkeeping (threads, checkpoint interval, ...) may differ: it cannot change the numbers
+            drop = lambda d: {k: v for k, v in d.items() if k not in _BOOKKEEPING}  # noqa: E731
+            assert drop(stored.to_dict()) == drop(cfg.to_dict()), name
 
 
 def test_legacy_key_is_an_alias_with_the_same_hash():
