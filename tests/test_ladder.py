@@ -45,7 +45,7 @@ def test_ladder_order_stage_one_and_crf_weight():
         assert c.model_args == args and c.init_checkpoint is None
     for c in stage2:  # stage 2 starts from its own seed's stage 1
         assert c.init_checkpoint == f"horses-pce-s{c.seed}/model.pt" and c.model_args == {"output_stride": 4}
-        assert c.iterations == 150 and c.lr == 0.0025
+        assert c.iterations == 150 and c.lr == 0.00025
     by = {(c.name, c.seed): c for c in stage2}
     assert by[("horses-nc", 0)].nc_weight == 1.6 and not by[("horses-nc", 0)].nc_present_only
     p = by[("horses-nc-present-nel", 1)]
