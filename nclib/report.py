@@ -229,7 +229,9 @@ def strip_notebook(nb: Dict[str, Any]) -> Dict[str, Any]:
     """``nb`` (notebook JSON as a dict, changed in place and returned) without what changes on every run:
     papermill's timestamps, durations and environment (notebook and cell metadata), the kernel's per-cell
     ``execution`` timings; execution counts renumbered 1, 2, ... over the code cells in order; papermill's injected
-    cell given a fixed id. Outputs, images included, are kept."""
+    cell given a fixed id; consecutive stream outputs of one stream (stdout / stderr) merged into one, as the kernel
+    splits a cell's prints into chunks at flush times that vary from run to run. Outputs, images included, are
+    kept."""
     nb.get("metadata", {}).pop("papermill", None)
     count = 0
     for cell in nb.get("cells", []):
@@ -240,6 +242,7 @@ def strip_notebook(nb: Dict[str, Any]) -> Dict[str, Any]:
             cell["id"] = "injected-parameters"
         if cell.get("cell_type") != "code":
             continue
+        cell["outputs"] = _merge_streams(cell.get("outputs", []))
         executed = any("execution_count" in o for o in cell.get("outputs", [])) or cell.get("execution_count")
         if cell.get("execution_count") is not None or executed:
             count += 1
@@ -248,6 +251,20 @@ def strip_notebook(nb: Dict[str, Any]) -> Dict[str, Any]:
                 if "execution_count" in out:
                     out["execution_count"] = count
     return nb
+
+
+def _merge_streams(outputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Consecutive ``stream`` outputs of the same name joined into one (their text concatenated, order kept)."""
+    merged: List[Dict[str, Any]] = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None and prev.get("output_type") == "stream"
+                and prev.get("name") == out.get("name")):
+            text = lambda o: "".join(o["text"]) if isinstance(o["text"], list) else o["text"]  # noqa: E731
+            prev["text"] = (text(prev) + text(out)).splitlines(True)
+        else:
+            merged.append(out)
+    return merged
 
 
 # ---------------------------------------------------------------- the paper's tables (VOC 2012 val mIoU, %)

@@ -174,6 +174,21 @@ def test_strip_notebook_drops_volatile_metadata_and_keeps_images():
     assert report.strip_notebook(json.loads(json.dumps(out))) == out  # idempotent
 
 
+def test_strip_notebook_merges_stream_chunks():
+    """The kernel splits a cell's prints at flush times that vary between runs: stripped, they are one output."""
+    def stream(name, text):
+        return {"name": name, "output_type": "stream", "text": text}
+
+    split = [stream("stdout", ["runs: 17\n"]), stream("stdout", ["from cache\n", "done"]), stream("stderr", "warn\n"),
+             stream("stdout", "after\n")]
+    whole = [stream("stdout", ["runs: 17\n", "from cache\n", "done"]), stream("stderr", "warn\n"), stream("stdout", "after\n")]
+    cell = lambda outs: {"cell_type": "code", "execution_count": 1, "metadata": {}, "source": "", "outputs": outs}  # noqa: E731
+    a = report.strip_notebook({"metadata": {}, "cells": [cell(split)]})
+    b = report.strip_notebook({"metadata": {}, "cells": [cell(whole)]})
+    assert a == b and [o["name"] for o in a["cells"][0]["outputs"]] == ["stdout", "stderr", "stdout"]
+    assert a["cells"][0]["outputs"][0]["text"] == ["runs: 17\n", "from cache\n", "done"]
+
+
 def png_chunks(data: bytes):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     i, kinds = 8, []
