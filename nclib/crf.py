@@ -207,7 +207,7 @@ def dense_crf(
         img = check_images(images, probs)
         roi_b = check_roi(roi, probs)
         b, k, h, w = p.shape
-        neg_unary = torch.log(to_pixel_major(p).clamp_min(clip))  # (P, K)
+        neg_unary = torch.log(to_pixel_major(p).clamp_min(clip))  # (P, K); to_pixel_major may be a view of p
         if iterations == 0:
             return from_pixel_major(torch.softmax(neg_unary, dim=1), (b, k, h, w))
         kernels = []

@@ -102,29 +102,46 @@ def rgbxy_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> t
     return out.permute(0, 3, 1, 2)
 
 
+def _cpu_transpose(src: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = src.transpose(1, 2)`` for contiguous float32 CPU (B, R, S) -> (B, S, R) by the CPU build's blocked
+    kernel (3-4x torch's copy at 21 channels); False where it does not apply (then the caller copies): another
+    device or dtype, a graph to keep, or no CPU build."""
+    if src.device.type != "cpu" or src.dtype != torch.float32 or (src.requires_grad and torch.is_grad_enabled()):
+        return False
+    try:
+        _ext.load("cpu")  # registers torch.ops.nclib_layout
+    except _ext.ExtensionUnavailable:
+        return False
+    torch.ops.nclib_layout.transpose(src, out)
+    return True
+
+
 def to_pixel_major(t: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> contiguous float32 (B*H*W, C), the kernels' native layout (free for channels_last float32).
 
-    A contiguous (NCHW) input is transposed image by image: torch copies a 2-D transpose with a blocked kernel,
-    several times faster than the generic strided copy of a 4-D permute with a small innermost C.
+    A contiguous (NCHW) input is transposed image by image: by the CPU build's blocked kernel, elsewhere by torch's
+    2-D transpose copy (several times faster than the generic strided copy of a 4-D permute with a small C).
     """
     b, c, h, w = t.shape
     if c > 1 and t.is_contiguous():
         out = torch.empty(b, h * w, c, dtype=torch.float32, device=t.device)
-        for i in range(b):
-            out[i].copy_(t[i].reshape(c, h * w).t())
+        src = t.view(b, c, h * w)
+        if not _cpu_transpose(src, out):
+            for i in range(b):
+                out[i].copy_(src[i].t())
         return out.view(b * h * w, c)
     return t.permute(0, 2, 3, 1).reshape(b * h * w, c).to(torch.float32).contiguous()
 
 
 def from_pixel_major(values: torch.Tensor, shape) -> torch.Tensor:
     """Pixel-major (B*H*W, C) (or (B, H*W, C)) values -> contiguous (B, C, H, W) of ``shape``, image by image
-    (the inverse of :func:`to_pixel_major`, with the same blocked 2-D transposes)."""
+    (the inverse of :func:`to_pixel_major`, with the same transposes)."""
     b, c, h, w = shape
     src = values.reshape(b, h * w, c)
     out = torch.empty(b, c, h * w, dtype=values.dtype, device=values.device)
-    for i in range(b):
-        out[i].copy_(src[i].t())
+    if not (src.is_contiguous() and _cpu_transpose(src, out)):
+        for i in range(b):
+            out[i].copy_(src[i].t())
     return out.view(b, c, h, w)
 
 

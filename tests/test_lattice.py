@@ -372,3 +372,21 @@ def test_pixel_major_filter_into_a_reused_buffer(astro):
     for bad in (torch.empty(64 * 64, 20), torch.empty(64 * 64, 21, dtype=torch.float64), v):
         with pytest.raises(ValueError, match="out must be"):
             big.apply_pixel_major(v, out=bad)
+
+
+@pytest.mark.parametrize("shape", [(2, 21, 37, 53), (1, 3, 8, 8), (3, 130, 2, 3), (1, 2, 1, 1), (2, 1, 5, 7)])
+def test_pixel_major_layout_round_trip(shape):
+    """``to_pixel_major`` / ``from_pixel_major`` (the CPU build's blocked transpose for float32, torch's copy
+    otherwise) equal torch's permute exactly: odd sizes not a multiple of the 64-pixel block, more channels than
+    pixels (the kernel's other blocking), one channel; float64 input is converted, and a tensor that requires
+    grad keeps its graph."""
+    v = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    b, c, h, w = shape
+    ref = v.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    pm = to_pixel_major(v)
+    assert pm.is_contiguous() and torch.equal(pm, ref)
+    assert torch.equal(from_pixel_major(pm, shape), v)
+    assert torch.equal(to_pixel_major(v.double()), ref)
+    g = v.clone().requires_grad_(True)
+    to_pixel_major(g).mul(torch.arange(c, dtype=torch.float32)).sum().backward()
+    assert torch.equal(g.grad, torch.arange(c, dtype=torch.float32).view(1, c, 1, 1).expand(shape))
