@@ -2,8 +2,8 @@
 
 Build kinds (:data:`BUILD_KINDS`), each a separate extension module built by ``torch.utils.cpp_extension.load``:
 
-* ``"cpu"``: ``lattice_cpu.cpp`` (with the NC loss's fused ``filter_sym``), ``meanfield_cpu.cpp``, ``gauss_xy_cpu.cpp`` and
-  ``layout_cpu.cpp`` for CPU
+* ``"cpu"``: ``lattice_cpu.cpp`` (with the NC loss's fused ``filter_sym``), ``meanfield_cpu.cpp``, ``gauss_xy_cpu.cpp``,
+  ``layout_cpu.cpp`` and ``resize_cpu.cpp`` for CPU
   tensors (``-march=native`` unless ``NCLIB_NATIVE=0``);
 * ``"cuda"``: ``lattice_cuda.cpp`` + ``lattice_cuda.cu`` through nvcc, for CUDA tensors;
 * ``"cuda-emulation"``: the very CUDA kernel code compiled as host C++ (``NCLIB_CUDA_EMULATE``) with the CPU
@@ -108,9 +108,9 @@ def _check_kind(kind: str) -> None:
 def _sources(kind: str) -> list[Path]:
     """The translation units of ``kind`` (the emulation compiles one generated file that includes both CUDA ones)."""
     if kind == "cpu":  # + torch.ops.nclib_both.filter_sym (NC loss), nclib_meanfield.update, nclib_gauss.blur_xy (CRF),
-        # nclib_layout.transpose (to / from pixel-major)
+        # nclib_layout.transpose (to / from pixel-major), nclib_resize.bilinear_adjoint (NC's scale < 1)
         return [_CSRC / "lattice_cpu.cpp", _CSRC / "meanfield_cpu.cpp", _CSRC / "gauss_xy_cpu.cpp",
-                _CSRC / "layout_cpu.cpp"]
+                _CSRC / "layout_cpu.cpp", _CSRC / "resize_cpu.cpp"]
     return [_CSRC / "lattice_cuda.cpp", _CSRC / "lattice_cuda.cu"]
 
 

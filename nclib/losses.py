@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _ext
 from ._checks import (
     check_finite,
     check_images,
@@ -72,6 +73,31 @@ def _clamp_scribbles(s: torch.Tensor, scribbles: torch.Tensor, ignore_index: int
     return torch.where(labelled[:, None], onehot, s)
 
 
+class _Bilinear(torch.autograd.Function):
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` for contiguous float32 CPU x, whose backward
+    is the CPU build's adjoint kernel (torch's zero-fills and scatters serially: ~3x slower at 21 x 321^2)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size) -> torch.Tensor:
+        ctx.in_size = tuple(x.shape[-2:])
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return torch.ops.nclib_resize.bilinear_adjoint(grad.contiguous(), *ctx.in_size), None
+
+
+def _bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.requires_grad \
+            and torch.is_grad_enabled():
+        try:
+            _ext.load("cpu")  # registers torch.ops.nclib_resize
+            return _Bilinear.apply(x, size)
+        except _ext.ExtensionUnavailable:
+            pass
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def _resize(
     s: torch.Tensor, images: torch.Tensor, roi: Optional[torch.Tensor], scale: float
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -80,7 +106,7 @@ def _resize(
         return s, images, roi
     h, w = s.shape[-2:]
     size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
-    s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+    s = _bilinear(s, size)
     images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     if roi is not None:
         roi = F.interpolate(roi[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5

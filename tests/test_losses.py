@@ -190,6 +190,22 @@ def test_scale_equals_loss_on_resized_inputs():
     assert a == pytest.approx(b, rel=1e-6)
 
 
+@pytest.mark.parametrize("shape,size", [((2, 5, 41, 37), (20, 18)), ((1, 3, 7, 9), (3, 5)), ((1, 2, 1, 6), (1, 3)),
+                                        ((1, 2, 6, 5), (9, 11))])
+def test_scale_gradient_equals_interpolate_autograd(shape, size):
+    """The resize's backward (the CPU build's adjoint kernel) equals autograd through F.interpolate: odd sizes,
+    a one-pixel axis, and upsampling (same sampling formula)."""
+    from nclib.losses import _bilinear
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    g = torch.randn(*shape[:2], *size, generator=torch.Generator().manual_seed(2))
+    ref = torch.autograd.grad(F.interpolate(x, size=size, mode="bilinear", align_corners=False), x, g)[0]
+    y = _bilinear(x, size)
+    assert y.grad_fn is not None and "Bilinear" in type(y.grad_fn).__name__  # the kernel's path was taken
+    assert torch.equal(y, F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], ref, rtol=1e-6, atol=1e-6)
+
+
 def test_batch_mean_of_images():
     img = torch.cat([photo_tensor("astronaut", crop=32), photo_tensor("coffee", crop=32), photo_tensor("rocket", crop=32)])
     p = colour_probs(img, 3)
