@@ -28,7 +28,8 @@ is what pydensecrf's unnormalized weights assume.
 from __future__ import annotations
 
 import math
-from typing import Optional
+import threading
+from typing import List, Optional
 
 import torch
 
@@ -145,6 +146,33 @@ class _GridKernel:
         return _blur_pixel_major(q_pre, self.shape, self.taps, out)
 
 
+#: Scratch of the CPU mean-field loop kept between calls, per thread, up to this many bytes: 5 (P, K) float32
+#: buffers are ~86 MB for two 321^2 images with 21 labels, and fresh ones are fresh pages every call (page faults
+#: and zeroing cost ~10% of the whole CRF).
+_WORKSPACE_BYTES = 256 << 20
+_workspace_local = threading.local()
+
+
+def _workspace(n: int, shape) -> List[torch.Tensor]:
+    """``n`` uninitialised float32 CPU tensors of ``shape``, reused by the next call of this thread with the same
+    shape and count; beyond :data:`_WORKSPACE_BYTES` fresh ones (nothing kept)."""
+    if n * math.prod(shape) * 4 > _WORKSPACE_BYTES:
+        return [torch.empty(shape) for _ in range(n)]
+    key = (tuple(shape), n)
+    kept = getattr(_workspace_local, "buffers", None)
+    if kept is None or kept[0] != key:
+        kept = (key, [torch.empty(shape) for _ in range(n)])
+        _workspace_local.buffers = kept
+    return kept[1]
+
+
+def _cpu_buffers(kernels) -> int:
+    """(P, K) buffers of :func:`_mean_field_cpu`: one input per kernel, one output per lattice, Q, and the grid's
+    spare input."""
+    grid = isinstance(kernels[-1], _GridKernel)
+    return len(kernels) + (len(kernels) - grid) + 1 + grid
+
+
 def _softmax_into(message: torch.Tensor, scratch: torch.Tensor, scales, outs) -> torch.Tensor:
     """``softmax(message, dim=1) * scale`` into each of ``outs`` for each (P, 1) ``scale`` (None: 1).
 
@@ -207,8 +235,8 @@ def dense_crf(
         img = check_images(images, probs)
         roi_b = check_roi(roi, probs)
         b, k, h, w = p.shape
-        neg_unary = torch.log(to_pixel_major(p).clamp_min(clip))  # (P, K); to_pixel_major may be a view of p
         if iterations == 0:
+            neg_unary = torch.log(to_pixel_major(p).clamp_min(clip))
             return from_pixel_major(torch.softmax(neg_unary, dim=1), (b, k, h, w))
         kernels = []
         if bi_w > 0:
@@ -220,9 +248,11 @@ def dense_crf(
             kernels.append(_GridKernel((b, h, w), pos_xy_std, roi_b, normalization, pos_w, p.device))
         with torch.no_grad():
             if kernels and all(kn.cpu for kn in kernels):
-                q = _mean_field_cpu(neg_unary, kernels, iterations)
+                bufs = _workspace(_cpu_buffers(kernels) + 1, (b * h * w, k))
+                neg_unary = to_pixel_major(p, out=bufs[0]).clamp_min_(clip).log_()  # (P, K)
+                q = _mean_field_cpu(neg_unary, kernels, iterations, bufs[1:])
             else:
-                q = _mean_field(neg_unary, kernels, iterations)
+                q = _mean_field(torch.log(to_pixel_major(p).clamp_min(clip)), kernels, iterations)
         return from_pixel_major(q, (b, k, h, w))
 
 
@@ -245,7 +275,7 @@ def _mean_field(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tens
     return _softmax_into(message, scratch, [None], [message])  # out may alias message: exp went to scratch
 
 
-def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tensor:
+def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int, bufs: List[torch.Tensor]) -> torch.Tensor:
     """:func:`_mean_field` with each update (messages, softmax, next inputs) in one pass of the CPU build's
     ``nclib_meanfield.update`` kernel; with a grid smoothness kernel (last) the update is fused into its blur
     (``nclib_gauss.blur_update``: the blurred rows go straight into the update, never to memory)."""
@@ -256,10 +286,11 @@ def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.
     posts = [kn.post.contiguous() for kn in kernels]
     grid = kernels[-1] if isinstance(kernels[-1], _GridKernel) else None
     lattices = kernels[:-1] if grid is not None else kernels
-    inputs = [torch.empty_like(neg_unary) for _ in kernels]
-    filtered = [torch.empty_like(neg_unary) for _ in lattices]  # reused: fresh pages every call cost as much
-    # The grid's input is double-buffered: the fused update writes the next one while the blur still reads it.
-    spare = torch.empty_like(neg_unary) if grid is not None else None
+    # bufs (:func:`_cpu_buffers`): inputs (one per kernel), filtered (one per lattice), Q, and the grid's spare
+    # input: the fused update writes the next grid input while the blur still reads the current one.
+    inputs, filtered = bufs[: len(kernels)], bufs[len(kernels): len(kernels) + len(lattices)]
+    q = bufs[len(kernels) + len(lattices)]
+    spare = bufs[-1] if grid is not None else None
 
     def step(step_pres, outs):
         msgs = [kn.filter(x, out=f) for kn, x, f in zip(lattices, inputs, filtered)]
@@ -276,6 +307,5 @@ def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.
         else:
             step(pres, inputs[:-1] + [spare])
             inputs[-1], spare = spare, inputs[-1]
-    q = torch.empty_like(neg_unary)
     step([ones], [q])
-    return q
+    return q  # a workspace buffer: the caller copies it out (from_pixel_major)

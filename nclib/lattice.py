@@ -116,21 +116,27 @@ def _cpu_transpose(src: torch.Tensor, out: torch.Tensor) -> bool:
     return True
 
 
-def to_pixel_major(t: torch.Tensor) -> torch.Tensor:
+def to_pixel_major(t: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, C, H, W) -> contiguous float32 (B*H*W, C), the kernels' native layout (free for channels_last float32).
 
     A contiguous (NCHW) input is transposed image by image: by the CPU build's blocked kernel, elsewhere by torch's
     2-D transpose copy (several times faster than the generic strided copy of a 4-D permute with a small C).
+    ``out``: a contiguous float32 (B*H*W, C) tensor to write into (then always a copy, never a view of ``t``).
     """
     b, c, h, w = t.shape
+    if out is not None and (out.shape != (b * h * w, c) or out.dtype != torch.float32 or not out.is_contiguous()
+                            or out.device != t.device):
+        raise ValueError(f"out must be a contiguous float32 ({b * h * w}, {c}) tensor on {t.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if c > 1 and t.is_contiguous():
-        out = torch.empty(b, h * w, c, dtype=torch.float32, device=t.device)
+        dst = (torch.empty(b * h * w, c, dtype=torch.float32, device=t.device) if out is None else out).view(b, h * w, c)
         src = t.view(b, c, h * w)
-        if not _cpu_transpose(src, out):
+        if not _cpu_transpose(src, dst):
             for i in range(b):
-                out[i].copy_(src[i].t())
-        return out.view(b * h * w, c)
-    return t.permute(0, 2, 3, 1).reshape(b * h * w, c).to(torch.float32).contiguous()
+                dst[i].copy_(src[i].t())
+        return dst.view(b * h * w, c) if out is None else out
+    pm = t.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    return pm.to(torch.float32).contiguous() if out is None else out.copy_(pm)
 
 
 def from_pixel_major(values: torch.Tensor, shape) -> torch.Tensor:

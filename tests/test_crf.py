@@ -106,6 +106,24 @@ def test_batched_any_k_and_zero_iterations():
     assert torch.allclose(q0, p.clamp_min(1e-5) / p.clamp_min(1e-5).sum(1, keepdim=True), atol=1e-6)
 
 
+def test_repeated_calls_reuse_scratch_not_results():
+    """The CPU loop keeps its (P, K) scratch between calls of the same shape: a later call (same shape, another
+    shape, then the first again) neither changes an earlier result nor is changed by the calls before it; the
+    caller's probabilities are never written (also when they are channels_last, i.e. already pixel-major)."""
+    img = torch.cat([resized_photo("coffee", 40), resized_photo("rocket", 40)])
+    p = network_like_probs(img, 5)
+    p_keep = p.clone()
+    first = dense_crf(p, img, iterations=3)
+    kept = first.clone()
+    other = dense_crf(p.flip(-1), img.flip(-1), iterations=3)
+    dense_crf(p[:1, :, :24], img[:1, :, :24], iterations=3)  # another shape in between
+    again = dense_crf(p, img, iterations=3)
+    assert torch.equal(first, kept) and torch.equal(again, first) and not torch.equal(other, first)
+    cl = p.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dense_crf(cl, img, iterations=3), first)
+    assert torch.equal(p, p_keep) and torch.equal(cl, p_keep)
+
+
 def test_roi_pixels_do_not_influence_inside():
     img = resized_photo("astronaut", 40)
     p = network_like_probs(img, 3)

@@ -378,8 +378,8 @@ def test_pixel_major_filter_into_a_reused_buffer(astro):
 def test_pixel_major_layout_round_trip(shape):
     """``to_pixel_major`` / ``from_pixel_major`` (the CPU build's blocked transpose for float32, torch's copy
     otherwise) equal torch's permute exactly: odd sizes not a multiple of the 64-pixel block, more channels than
-    pixels (the kernel's other blocking), one channel; float64 input is converted, and a tensor that requires
-    grad keeps its graph."""
+    pixels (the kernel's other blocking), one channel; float64 input is converted, a tensor that requires grad
+    keeps its graph, and ``out=`` is written (a wrong buffer is refused by name)."""
     v = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     b, c, h, w = shape
     ref = v.permute(0, 2, 3, 1).reshape(b * h * w, c)
@@ -390,3 +390,9 @@ def test_pixel_major_layout_round_trip(shape):
     g = v.clone().requires_grad_(True)
     to_pixel_major(g).mul(torch.arange(c, dtype=torch.float32)).sum().backward()
     assert torch.equal(g.grad, torch.arange(c, dtype=torch.float32).view(1, c, 1, 1).expand(shape))
+    buf = torch.full((b * h * w, c), float("nan"))
+    assert to_pixel_major(v, out=buf) is buf and torch.equal(buf, ref)
+    cl = v.contiguous(memory_format=torch.channels_last)  # pixel-major already: out= still copies
+    assert torch.equal(to_pixel_major(cl, out=torch.empty(b * h * w, c)), ref)
+    with pytest.raises(ValueError, match="out must be"):
+        to_pixel_major(v, out=torch.empty(b * h * w, c + 1))
