@@ -217,6 +217,8 @@ def dense_crf(
         roi: optional (B, H, W) bool; pixels outside take no part in the pairwise terms.
     Returns:
         (B, K, H, W) float32 marginals Q; ``Q.argmax(1)`` is the labelling.
+    Memory: on the CPU the loop's scratch (about 6 B*H*W*K floats) is kept per calling thread for the next call
+    of the same shape, up to 256 MB; larger calls allocate and free it each time.
     """
     check_tensor("probs", probs, "(B, K, H, W)")
     check_tensor("images", images, "(B, 3, H, W)")
