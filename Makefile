@@ -55,6 +55,7 @@ bench: setup
 	$(BIN)/python scripts/bench_losses.py $(if $(BASELINE),--baseline $(BASELINE))
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_memory.py $(if $(BASELINE),--baseline $(BASELINE))
+	$(BIN)/python scripts/profile_nc.py
 
 # Static checks (pyflakes, import order, complexity <= 15, bugbear): configured in pyproject.toml [tool.ruff].
 lint: setup

@@ -205,3 +205,15 @@ def test_baseline_adapter_runs_the_current_api(monkeypatch):
     assert _ext.load("cpu") is current
     for ours, theirs in zip(direct, old_way):
         torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-6)
+
+
+def test_profile_nc_quick(tmp_path):
+    """The NC profile's smoke run writes both scales' tables with the caller's softmax named apart."""
+    out = tmp_path / "nc_profile.md"
+    run_script("profile_nc.py", "--out", str(out))
+    text = out.read_text()
+    assert "## scale 1.0" in text and "## scale 0.5" in text
+    rows = [row for t in tables(text) for row in t]
+    names = [row["operator"] for row in rows]
+    assert "caller: softmax forward" in names and "lattice build (pybind, timed on its own)" in names
+    assert all(float(row["ms per step"]) >= 0 for row in rows)
