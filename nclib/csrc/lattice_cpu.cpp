@@ -634,13 +634,13 @@ void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float
   });
 }
 
-// Blurs of up to 2^17 units of work per axis (~0.1 ms) run on the calling thread: D+1 thread wake-ups would cost
-// more than the work. A row costs its C values plus ~8 for its two neighbour lookups, so a one-channel blur of a
+// Blurs of up to 2^17 values per axis (~0.1 ms) run on the calling thread: D+1 thread wake-ups would cost more
+// than the work. A row costs at least as much as 8 values (its two neighbour lookups), so a one-channel blur of a
 // large lattice (the degree W 1: 129k vertices for the dense CRF's batch of two 321^2 images, 0.6 ms per axis on
-// one thread) is parallel too; the NC loss's small lattices (~10k vertices per image) stay on one thread.
+// one thread) is parallel too; with C >= 8 the rule is the plain count of values.
 int64_t row_grain(int64_t V, int64_t C) {
-  return V * (C + 8) <= (int64_t(1) << 17) ? std::max<int64_t>(V, 1)
-                                             : std::max<int64_t>(1, 16384 / std::max<int64_t>(C + 8, 1));
+  const int64_t cost = std::max<int64_t>(C, 8);
+  return V * cost <= (int64_t(1) << 17) ? std::max<int64_t>(V, 1) : std::max<int64_t>(1, 16384 / cost);
 }
 
 // Blur lat (V, C) with [1/2, 1, 1/2] along each axis (transpose: in reverse axis order, the exact adjoint);
