@@ -146,9 +146,9 @@ class _GridKernel:
         return _blur_pixel_major(q_pre, self.shape, self.taps, out)
 
 
-#: Scratch of the CPU mean-field loop kept between calls, per thread, up to this many bytes: 5 (P, K) float32
-#: buffers are ~86 MB for two 321^2 images with 21 labels, and fresh ones are fresh pages every call (page faults
-#: and zeroing cost ~10% of the whole CRF).
+#: Scratch of the CPU mean-field loop kept between calls, per thread, up to this many bytes: 6 (P, K) float32
+#: buffers are ~100 MB for two 321^2 images with 21 labels, and fresh ones are fresh pages every call (12.6k page
+#: faults per such call; the CRF took ~5% longer).
 _WORKSPACE_BYTES = 256 << 20
 _workspace_local = threading.local()
 

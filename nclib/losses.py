@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import _ext
 from ._checks import (
@@ -83,6 +84,7 @@ class _Bilinear(torch.autograd.Function):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     @staticmethod
+    @once_differentiable  # the kernel builds no graph: a double backward raises instead of going silently wrong
     def backward(ctx, grad: torch.Tensor):
         return torch.ops.nclib_resize.bilinear_adjoint(grad.contiguous(), *ctx.in_size), None
 
