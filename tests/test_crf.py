@@ -106,10 +106,10 @@ def test_batched_any_k_and_zero_iterations():
     assert torch.allclose(q0, p.clamp_min(1e-5) / p.clamp_min(1e-5).sum(1, keepdim=True), atol=1e-6)
 
 
-def test_repeated_calls_reuse_scratch_not_results():
-    """The CPU loop keeps its (P, K) scratch between calls of the same shape: a later call (same shape, another
-    shape, then the first again) neither changes an earlier result nor is changed by the calls before it; the
-    caller's probabilities are never written (also when they are channels_last, i.e. already pixel-major)."""
+def test_repeated_calls_share_no_state():
+    """A later call (same shape, another shape, then the first again) neither changes an earlier result nor is
+    changed by the calls before it; the caller's probabilities are never written, also when they are
+    channels_last (already pixel-major: the unary is computed in place in a copy)."""
     img = torch.cat([resized_photo("coffee", 40), resized_photo("rocket", 40)])
     p = network_like_probs(img, 5)
     p_keep = p.clone()
