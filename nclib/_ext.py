@@ -350,6 +350,16 @@ def load(kind: str = "cpu") -> ModuleType:
     return module
 
 
+def available(kind: str = "cpu") -> bool:
+    """Whether the ``kind`` extension loads (built on first call); False instead of raising
+    :class:`ExtensionUnavailable`, for callers with a plain-torch fallback."""
+    try:
+        load(kind)
+    except ExtensionUnavailable:
+        return False
+    return True
+
+
 def kind_for(device: torch.device) -> str:
     """The build kind that runs on tensors of ``device``."""
     return "cuda" if device.type == "cuda" else "cpu"

@@ -28,7 +28,7 @@ is what pydensecrf's unnormalized weights assume.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -145,13 +145,6 @@ class _GridKernel:
         return _blur_pixel_major(q_pre, self.shape, self.taps, out)
 
 
-def _cpu_buffers(kernels) -> int:
-    """(P, K) buffers of :func:`_mean_field_cpu`: one input per kernel, one output per lattice, Q, and the grid's
-    spare input."""
-    grid = isinstance(kernels[-1], _GridKernel)
-    return len(kernels) + (len(kernels) - grid) + 1 + grid
-
-
 def _softmax_into(message: torch.Tensor, scratch: torch.Tensor, scales, outs) -> torch.Tensor:
     """``softmax(message, dim=1) * scale`` into each of ``outs`` for each (P, 1) ``scale`` (None: 1).
 
@@ -214,8 +207,9 @@ def dense_crf(
         img = check_images(images, probs)
         roi_b = check_roi(roi, probs)
         b, k, h, w = p.shape
+        # (P, K) log of the clipped probabilities, in place in a fresh pixel-major copy (never a view of p)
+        neg_unary = to_pixel_major(p, out=torch.empty(b * h * w, k, device=p.device)).clamp_min_(clip).log_()
         if iterations == 0:
-            neg_unary = torch.log(to_pixel_major(p).clamp_min(clip))
             return from_pixel_major(torch.softmax(neg_unary, dim=1), (b, k, h, w))
         kernels = []
         if bi_w > 0:
@@ -227,14 +221,9 @@ def dense_crf(
             kernels.append(_GridKernel((b, h, w), pos_xy_std, roi_b, normalization, pos_w, p.device))
         with torch.no_grad():
             if kernels and all(kn.cpu for kn in kernels):
-                # Fresh buffers each call. Kept between calls they saved the CRF ~5 % of page faults, but ~100 MB
-                # held made the allocations of other code in the process fault more (an NC step at scale 0.5 after
-                # a CRF call: 26 vs 19 ms).
-                bufs = [torch.empty(b * h * w, k) for _ in range(_cpu_buffers(kernels) + 1)]
-                neg_unary = to_pixel_major(p, out=bufs[0]).clamp_min_(clip).log_()  # (P, K), in place
-                q = _mean_field_cpu(neg_unary, kernels, iterations, bufs[1:])
+                q = _mean_field_cpu(neg_unary, kernels, iterations)
             else:
-                q = _mean_field(torch.log(to_pixel_major(p).clamp_min(clip)), kernels, iterations)
+                q = _mean_field(neg_unary, kernels, iterations)
         return from_pixel_major(q, (b, k, h, w))
 
 
@@ -257,7 +246,7 @@ def _mean_field(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tens
     return _softmax_into(message, scratch, [None], [message])  # out may alias message: exp went to scratch
 
 
-def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int, bufs: List[torch.Tensor]) -> torch.Tensor:
+def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tensor:
     """:func:`_mean_field` with each update (messages, softmax, next inputs) in one pass of the CPU build's
     ``nclib_meanfield.update`` kernel; with a grid smoothness kernel (last) the update is fused into its blur
     (``nclib_gauss.blur_update``: the blurred rows go straight into the update, never to memory)."""
@@ -268,11 +257,12 @@ def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int, bufs: Lis
     posts = [kn.post.contiguous() for kn in kernels]
     grid = kernels[-1] if isinstance(kernels[-1], _GridKernel) else None
     lattices = kernels[:-1] if grid is not None else kernels
-    # bufs (:func:`_cpu_buffers`): inputs (one per kernel), filtered (one per lattice), Q, and the grid's spare
-    # input: the fused update writes the next grid input while the blur still reads the current one.
-    inputs, filtered = bufs[: len(kernels)], bufs[len(kernels): len(kernels) + len(lattices)]
-    q = bufs[len(kernels) + len(lattices)]
-    spare = bufs[-1] if grid is not None else None
+    # Fresh each call: kept between calls they faulted less, but ~100 MB held made other code in the process fault
+    # more (an NC step at scale 0.5 after a CRF call: 26 instead of 19 ms).
+    inputs = [torch.empty_like(neg_unary) for _ in kernels]
+    filtered = [torch.empty_like(neg_unary) for _ in lattices]  # reused: fresh pages every call cost as much
+    # The grid's input is double-buffered: the fused update writes the next one while the blur still reads it.
+    spare = torch.empty_like(neg_unary) if grid is not None else None
 
     def step(step_pres, outs):
         msgs = [kn.filter(x, out=f) for kn, x, f in zip(lattices, inputs, filtered)]
@@ -289,5 +279,6 @@ def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int, bufs: Lis
         else:
             step(pres, inputs[:-1] + [spare])
             inputs[-1], spare = spare, inputs[-1]
+    q = torch.empty_like(neg_unary)
     step([ones], [q])
     return q

@@ -106,11 +106,8 @@ def _cpu_transpose(src: torch.Tensor, out: torch.Tensor) -> bool:
     """``out = src.transpose(1, 2)`` for contiguous float32 CPU (B, R, S) -> (B, S, R) by the CPU build's blocked
     kernel (3-4x torch's copy at 21 channels); False where it does not apply (then the caller copies): another
     device or dtype, a graph to keep, or no CPU build."""
-    if src.device.type != "cpu" or src.dtype != torch.float32 or (src.requires_grad and torch.is_grad_enabled()):
-        return False
-    try:
-        _ext.load("cpu")  # registers torch.ops.nclib_layout
-    except _ext.ExtensionUnavailable:
+    if src.device.type != "cpu" or src.dtype != torch.float32 or (src.requires_grad and torch.is_grad_enabled()) \
+            or not _ext.available("cpu"):  # the build registers torch.ops.nclib_layout
         return False
     torch.ops.nclib_layout.transpose(src, out)
     return True

@@ -91,12 +91,8 @@ class _Bilinear(torch.autograd.Function):
 
 def _bilinear(x: torch.Tensor, size) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.requires_grad \
-            and torch.is_grad_enabled():
-        try:
-            _ext.load("cpu")  # registers torch.ops.nclib_resize
-            return _Bilinear.apply(x, size)
-        except _ext.ExtensionUnavailable:
-            pass
+            and torch.is_grad_enabled() and _ext.available("cpu"):  # the build registers torch.ops.nclib_resize
+        return _Bilinear.apply(x, size)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 

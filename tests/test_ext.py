@@ -38,6 +38,19 @@ def test_missing_compiler_says_what_to_install(fresh, monkeypatch):
         _ext.load("cpu")
 
 
+def test_available_is_false_without_toolchain_and_layouts_fall_back(fresh, monkeypatch):
+    """``available`` answers False (no raise) where the build cannot run, and the layout helpers that use it fall
+    back to torch's copies with the same result."""
+    from nclib.lattice import from_pixel_major, to_pixel_major
+
+    monkeypatch.setattr(_ext.shutil, "which", lambda name: None if name == "ninja" else "/usr/bin/" + name)
+    assert _ext.available("cpu") is False
+    v = torch.randn(2, 5, 3, 4, generator=torch.Generator().manual_seed(0))
+    pm = to_pixel_major(v)
+    assert torch.equal(pm, v.permute(0, 2, 3, 1).reshape(-1, 5))
+    assert torch.equal(from_pixel_major(pm, v.shape), v)
+
+
 def test_stale_torch_lock_is_removed(fresh, monkeypatch):
     import torch.utils.cpp_extension as cpp
 
