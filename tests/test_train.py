@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -362,10 +363,27 @@ def test_proposal_config_and_missing_folder_are_named(tiny_root, tmp_path):
             Config.from_dict({"supervision": "proposal", "proposal_dir": bad})
     with pytest.raises(ValueError, match="supervision 'proposal' needs dataset 'scribble'"):
         Config.from_dict({"supervision": "proposal", "proposal_dir": "P", "dataset": "folder"})
-    cfg = tiny_cfg(tiny_root, supervision="proposal", proposal_dir="Proposals_kernelcut_ignore", nc_weight=0.0)
-    with pytest.raises(ValueError, match=r"proposal folder not found: .*Proposals_kernelcut_ignore\. Make it with "
-                                         r"`python -m nclib.data proposals --method kernelcut --root .* --unsure-ignore"):
+    cfg = tiny_cfg(tiny_root, supervision="proposal", proposal_dir="Proposals_mine", nc_weight=0.0)
+    with pytest.raises(ValueError, match=r"proposal folder not found: .*Proposals_mine\. Make it with "
+                                         r"`python -m nclib.data proposals --method <grabcut\|nc\|kernelcut> --root "):
         train(cfg, tmp_path / "out", progress=False)
+
+
+def test_missing_standard_proposal_folder_is_made(tiny_root, tmp_path):
+    """As a missing stage 1 is retrained, a missing Proposals_<method>[_ignore] is computed from the scribbles
+    (`make figures FORCE=1` on a clean clone), the same masks as the command writes."""
+    from nclib.data import write_proposal_masks
+
+    folder = tiny_root / "Proposals_nc_ignore"
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = tiny_cfg(tiny_root, supervision="proposal", proposal_dir="Proposals_nc_ignore", nc_weight=0.0, iterations=2)
+    train(cfg, tmp_path / "out", progress=False)
+    made = sorted(folder.glob("*.png"))
+    assert made
+    ref = write_proposal_masks(tiny_root, "nc", out=tmp_path / "ref", unsure_ignore=True, progress=False)
+    for f in made:
+        assert np.array_equal(np.array(Image.open(f)), np.array(Image.open(ref / f.name)))
+    shutil.rmtree(folder)
 
 
 def test_densecrf_weight_adds_the_densecrf_loss_term():

@@ -40,16 +40,23 @@ def build_datasets(cfg: Config):
 
 
 def _proposal_masks(cfg: Config, root: Path) -> str:
-    """The proposal folder as the training split's masks (validation stays on the ground truth); a missing one is an
-    error naming the command that makes it."""
+    """The proposal folder as the training split's masks (validation stays on the ground truth). A missing standard
+    folder (``Proposals_<method>[_ignore]``) is made now from the scribbles, as a missing stage 1 is retrained (e.g.
+    ``make figures FORCE=1`` on a clean clone); any other missing folder is an error naming the command."""
+    from .. import data as D
+
     folder = root / cfg.proposal_dir
-    if not folder.is_dir():
-        name = cfg.proposal_dir
-        method = name.split("_")[1] if name.startswith("Proposals_") else "<grabcut|nc|kernelcut>"
-        extra = " --unsure-ignore" if name.endswith("_ignore") else ""
-        raise ValueError(f"proposal folder not found: {folder}. Make it with `python -m nclib.data proposals --method "
-                         f"{method} --root {root} --split {cfg.train_split}{extra} --out {folder}`")
-    return cfg.proposal_dir
+    if folder.is_dir():
+        return cfg.proposal_dir
+    name = cfg.proposal_dir
+    known = {D.proposal_folder(m, ig): (m, ig) for m in D.PROPOSAL_METHODS for ig in (False, True)}
+    if name in known:
+        method, ignore = known[name]
+        print(f"{folder} not found: computing the {method} proposals of the {cfg.train_split} split now")
+        D.write_proposal_masks(root, method, split=cfg.train_split, out=folder, unsure_ignore=ignore)
+        return cfg.proposal_dir
+    raise ValueError(f"proposal folder not found: {folder}. Make it with `python -m nclib.data proposals --method "
+                     f"<grabcut|nc|kernelcut> --root {root} --split {cfg.train_split} --out {folder}`")
 
 
 class SeededDataset(torch.utils.data.Dataset):
