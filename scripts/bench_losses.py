@@ -36,6 +36,7 @@ QUICK_SIZE, QUICK_K = 48, 4
 FIGURES = [
     ("nc", "NC loss fwd+bwd, batch 2, 321x321, 21 classes (ms / batch)", "<= 60"),
     ("nc_half", "  same with scale=0.5 (authors' trick)", "<= 20"),
+    ("nc_half_loss", "  the loss alone at scale=0.5 (probabilities given: no softmax at 321x321)", "<= 20"),
     ("build", "  lattice build, batch 2 RGBXY (ms)", ""),
     ("filter", "  lattice filter, 21 channels, batch 2 (ms, one pass)", ""),
     ("crf", "dense CRF, 10 iterations, 321x321, 21 labels (ms / image)", "<= 150"),
@@ -80,6 +81,12 @@ def figures(size: int = SIZE, k: int = K) -> dict:
             normalized_cut_loss(logits.softmax(1), imgs, sigma_rgb=15.0, sigma_xy=100.0, scale=scale).backward()
         return run
 
+    probs = logits.detach().softmax(1).requires_grad_(True)
+
+    def nc_loss_only():
+        probs.grad = None
+        normalized_cut_loss(probs, imgs, sigma_rgb=15.0, sigma_xy=100.0, scale=0.5).backward()
+
     feats = rgbxy_features(imgs, 15.0, 100.0)
     lat = Permutohedral(feats)
     vals = logits.detach().softmax(1)
@@ -90,6 +97,7 @@ def figures(size: int = SIZE, k: int = K) -> dict:
     out = {
         "nc": nc(1.0),
         "nc_half": nc(0.5),
+        "nc_half_loss": nc_loss_only,
         "build": lambda: Permutohedral(feats),
         "filter": lambda: lat.filter(vals),
         "crf": lambda: dense_crf(probs1, img1, iterations=10),

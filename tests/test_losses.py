@@ -207,6 +207,23 @@ def test_scale_gradient_equals_autograd_through_interpolate(shape):
     torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_bad_probabilities_named_at_every_scale(scale):
+    """Bad probabilities are named whatever the scale (the resize comes after the checks)."""
+    img = torch.rand(1, 3, 21, 19) * 255
+    p = torch.softmax(torch.randn(1, 3, 21, 19), 1)
+    with pytest.raises(ValueError, match="must be probabilities in"):
+        normalized_cut_loss(p * 3, img, scale=scale)
+    with pytest.raises(ValueError, match="sum to 1"):
+        normalized_cut_loss(p * 0.5, img, scale=scale)
+    q = p.clone()
+    q[0, 1, 20, 18] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):
+        normalized_cut_loss(q, img, scale=scale)
+    with pytest.raises(ValueError, match="contains NaN"):
+        densecrf_loss(q, img, scale=scale)
+
+
 def test_batch_mean_of_images():
     img = torch.cat([photo_tensor("astronaut", crop=32), photo_tensor("coffee", crop=32), photo_tensor("rocket", crop=32)])
     p = colour_probs(img, 3)
