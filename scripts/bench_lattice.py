@@ -23,7 +23,7 @@ from nclib import Permutohedral, exact_gaussian_filter, rgbxy_features
 from nclib.lattice import relative_rms_error
 from nclib.photos import photo_tensor
 
-from benchutil import ROOT, median_ms, photos
+from benchutil import median_ms, out_path, photos
 from lattice_baseline import baseline_ref, load_baseline, paired_median_ms, using_kernel
 
 
@@ -34,9 +34,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: benchmarks/lattice.md")
     ap.add_argument("--quick", action="store_true", help="tiny images, 1 run, no warm-up (a smoke test; needs --out)")
     args = ap.parse_args()
-    if args.quick and args.out is None:
-        ap.error("--quick needs --out: its tables must not replace benchmarks/lattice.md")
-    args.out = args.out or ROOT / "benchmarks" / "lattice.md"
+    args.out = out_path(ap, args, "lattice.md")
     table_sizes = ((48, 1),) if args.quick else ((321, 2), (321, 1), (513, 2))  # (size, batch) of the photo table
     scaling_sizes = (32, 48) if args.quick else (128, 256, 512, 1024)
     crop = 32 if args.quick else 64  # of the accuracy table (exact O(N^2) filter)

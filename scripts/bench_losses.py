@@ -81,7 +81,8 @@ def figures(size: int = SIZE, k: int = K) -> dict:
             normalized_cut_loss(logits.softmax(1), imgs, sigma_rgb=15.0, sigma_xy=100.0, scale=scale).backward()
         return run
 
-    probs = logits.detach().softmax(1).requires_grad_(True)
+    vals = logits.detach().softmax(1)
+    probs = vals.detach().requires_grad_(True)  # the loss alone's input; shares vals' storage, never written
 
     def nc_loss_only():
         probs.grad = None
@@ -89,7 +90,6 @@ def figures(size: int = SIZE, k: int = K) -> dict:
 
     feats = rgbxy_features(imgs, 15.0, 100.0)
     lat = Permutohedral(feats)
-    vals = logits.detach().softmax(1)
     img1 = imgs[:1]
     probs1 = network_like_logits(img1, seed=1).softmax(1)
     probs2 = network_like_logits(imgs, seed=1).softmax(1)

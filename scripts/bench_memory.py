@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchutil import ROOT
+from benchutil import ROOT, out_path
 
 CHILD = """
 import resource, torch
@@ -49,9 +49,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: benchmarks/memory.md")
     ap.add_argument("--quick", action="store_true", help="a 48x48 image (a smoke test; needs --out)")
     args = ap.parse_args()
-    if args.quick and args.out is None:
-        ap.error("--quick needs --out: its table must not replace benchmarks/memory.md")
-    args.out = args.out or ROOT / "benchmarks" / "memory.md"
+    args.out = out_path(ap, args, "memory.md")
     args.size = args.size or (48 if args.quick else 2000)
     rows = [("this checkout", *peak_gb(ROOT, args.size))]
     if args.baseline:

@@ -24,6 +24,8 @@ from nclib.train import Config, build_datasets, loss_terms
 from nclib.train.loop import batch_targets
 from nclib.train.stream import SeededDataset, collate
 
+from benchutil import out_path
+
 
 def batch_of(cfg: Config, n: int):
     train, _, num_classes = build_datasets(cfg)
@@ -65,9 +67,7 @@ def main() -> None:
     ap.add_argument("--out", help="default: benchmarks/train.md")
     ap.add_argument("--quick", action="store_true", help="batch 1, 48x48, 1 step, no warm-up (a smoke test; needs --out)")
     args = ap.parse_args()
-    if args.quick and args.out is None:
-        ap.error("--quick needs --out: its table must not replace benchmarks/train.md")
-    args.out = args.out or str(Path(__file__).resolve().parents[1] / "benchmarks" / "train.md")
+    args.out = out_path(ap, args, "train.md")
     warmup = 2
     if args.quick:
         args.repeats, args.batch, args.crop, warmup = 1, 1, 48, 0

@@ -3,8 +3,8 @@
 The case of the speed goals (batch 2, 321x321 real photos, 21 classes, sigma_rgb 15, sigma_xy 100), at scale 1 and
 at the authors' scale 0.5: ``normalized_cut_loss(logits.softmax(1), images, scale=...).backward()``, the step
 that `make bench` times. Per step: the wall time (median), torch's profiler self times per operator (the caller's
-softmax named as such; the gradient is reset each step, as by a training loop's ``zero_grad()``), and the lattice build timed on its own (a pybind call the
-profiler does not see). ``--quick``: one step of a 64x64 case, to ``--out`` (a smoke test of the script).
+softmax named as such; the gradient is reset each step, as by a training loop's ``zero_grad()``), and the lattice
+build timed on its own (a pybind call the profiler does not see). ``--quick``: one step of a 64x64 case, to ``--out`` (a smoke test of the script).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch.profiler import profile
 from nclib.lattice import Permutohedral, rgbxy_features
 from nclib.losses import normalized_cut_loss
 
-from benchutil import ROOT, median_ms, photos
+from benchutil import median_ms, out_path, photos
 
 #: operators that belong to the caller's step, not to the loss
 CALLER = {"aten::_softmax": "caller: softmax forward", "aten::_softmax_backward_data": "caller: softmax backward"}
@@ -50,9 +50,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: benchmarks/nc_profile.md")
     ap.add_argument("--quick", action="store_true", help="one step of a 64x64 case (a smoke test; needs --out)")
     args = ap.parse_args()
-    if args.quick and args.out is None:
-        ap.error("--quick needs --out: its tables must not replace benchmarks/nc_profile.md")
-    args.out = args.out or ROOT / "benchmarks" / "nc_profile.md"
+    args.out = out_path(ap, args, "nc_profile.md")
     torch.set_num_threads(args.threads)
     size, runs = (64, 1) if args.quick else (321, args.runs)
     images = photos(size)
