@@ -6,7 +6,10 @@ NEL, K-means, DenseCRF), ``crf`` (dense CRF inference), ``clustering`` and ``pro
 ``models`` (DeepLab), ``data`` (datasets, scribbles, preparation), ``train`` / ``evaluate`` / ``metrics``
 (the engine), ``photos`` (bundled sample photos). Input value checks can be switched off for hot loops with
 ``set_checks(False)`` / ``with checks(False):`` / ``NCLIB_CHECKS=0`` (shape and type checks stay on).
+Importing nclib keeps freed CPU tensor memory in the process for reuse (glibc only; see :mod:`nclib.cpu_memory`,
+``NCLIB_KEEP_CPU_MEMORY=0`` to opt out).
 """
+from . import cpu_memory  # noqa: F401  (first: its malloc settings apply to everything allocated after)
 from ._checks import checks, checks_enabled, set_checks
 from .energies import nc_energy
 from .lattice import (

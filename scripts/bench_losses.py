@@ -142,9 +142,9 @@ def serve(quick: bool = False) -> None:
 class Child:
     """A child interpreter that imports nclib from ``checkout`` and times one figure call per request."""
 
-    def __init__(self, checkout: Path, quick: bool = False, threads: int = 2):
+    def __init__(self, checkout: Path, quick: bool = False, threads: int = 2, extra_env=None):
         env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(threads),
-                   NCLIB_BENCH_THREADS=str(threads))
+                   NCLIB_BENCH_THREADS=str(threads), **(extra_env or {}))
         env.setdefault("NCLIB_BUILD_DIR", str(checkout / "build" / "extensions"))  # one kernel build each
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve"] + (["--quick"] if quick else [])
         self.proc = subprocess.Popen(argv, env=env,
@@ -177,12 +177,14 @@ def git_describe(path: Path) -> str:
         return str(path)
 
 
-def measure(baseline, runs: int, warmup: int, quick: bool, threads: int = 2, only=()) -> tuple[dict, dict]:
+def measure(baseline, runs: int, warmup: int, quick: bool, threads: int = 2, only=(),
+            baseline_env=None) -> tuple[dict, dict]:
     """{figure: [[wall ms, CPU ms] per run]} of this checkout and of the ``baseline`` checkout (empty without one):
     ``warmup`` untimed calls each, then ``runs`` rounds; each round times every figure in turn (the figures in
-    ``only``, or all of FIGURES), each call of this checkout followed by the baseline's."""
+    ``only``, or all of FIGURES), each call of this checkout followed by the baseline's. ``baseline_env``: extra
+    environment of the baseline's child only (an A/B of a setting on one checkout)."""
     ours_child = Child(ROOT, quick, threads)
-    base_child = Child(baseline.resolve(), quick, threads) if baseline else None
+    base_child = Child(baseline.resolve(), quick, threads, baseline_env) if baseline else None
     wanted = set(only) if only else {k for k, _, _ in FIGURES}
     keys = [k for k, _, _ in FIGURES + OPTIONAL_FIGURES if k in ours_child.names and k in wanted]
     both = {k: k != "pydensecrf" and base_child is not None and k in base_child.names for k in keys}
@@ -233,6 +235,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help=f"{QUICK_SIZE}x{QUICK_SIZE} images, {QUICK_K} classes, 1 run, no warm-up (a smoke test; needs --out)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of both children (default 2)")
+    ap.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the baseline's child only, e.g. --baseline . --baseline-env "
+                         "NCLIB_KEEP_CPU_MEMORY=0 (repeatable)")
     ap.add_argument("--only", default="", help="comma-separated figure keys to time, e.g. crf_b2,pydensecrf")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
@@ -245,8 +250,12 @@ def main() -> int:
     if args.quick:
         args.runs = 1
     only = tuple(filter(None, args.only.split(",")))
+    bad = [e for e in args.baseline_env if "=" not in e or not e.split("=", 1)[0]]
+    if bad or (args.baseline_env and not args.baseline):
+        ap.error(f"--baseline-env takes KEY=VALUE and needs --baseline (got {bad or args.baseline_env})")
+    baseline_env = dict(e.split("=", 1) for e in args.baseline_env)
     ours, base = measure(args.baseline, args.runs, warmup=0 if args.quick else 1, quick=args.quick,
-                         threads=args.threads, only=only)
+                         threads=args.threads, only=only, baseline_env=baseline_env)
     med = {k: statistics.median(x[0] for x in v) for k, v in ours.items()}
     bmed = {k: statistics.median(x[0] for x in v) for k, v in base.items() if k != "pydensecrf"}
     cpu = {k: statistics.median(x[1] for x in v) for k, v in ours.items()}
@@ -260,7 +269,8 @@ def main() -> int:
         "",
         f"`python scripts/bench_losses.py --runs {args.runs}"
         f"{' --baseline ' + str(args.baseline) if args.baseline else ''}{' --quick' if args.quick else ''}"
-        f"{f' --threads {args.threads}' if args.threads != 2 else ''}{f' --only {args.only}' if only else ''}`: "
+        f"{f' --threads {args.threads}' if args.threads != 2 else ''}{f' --only {args.only}' if only else ''}"
+        f"{''.join(f' --baseline-env {e}' for e in args.baseline_env)}`: "
         f"median of {n} runs after a warm-up"
         f"{', alternating with the baseline run by run' if args.baseline else ''}, figures interleaved, "
         f"torch.set_num_threads({args.threads}), "
@@ -272,7 +282,8 @@ def main() -> int:
         "",
     ]
     if args.baseline:
-        lines += [f"This checkout: {git_describe(ROOT)}. Baseline: {git_describe(args.baseline)}.", ""]
+        env_note = f" with {', '.join(args.baseline_env)}" if args.baseline_env else ""
+        lines += [f"This checkout: {git_describe(ROOT)}. Baseline: {git_describe(args.baseline)}{env_note}.", ""]
         lines += ["Wall-clock ms are what the goals are stated in; CPU ms (process time, both threads) are less sensitive "
                   "to a busy machine's scheduling (a parallel region waits for a descheduled thread).", ""]
         lines += ["| what | ms | baseline ms | speed-up | CPU ms | baseline CPU ms | CPU speed-up | goal |",

@@ -109,6 +109,16 @@ def test_quick_needs_out():
     assert _snapshot() == before
 
 
+def test_baseline_env_needs_a_baseline_and_key_value(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NCLIB_BUILD_DIR=str(_ext.build_root()))
+    for args in (["--baseline-env", "NCLIB_KEEP_CPU_MEMORY=0"], ["--baseline", str(ROOT), "--baseline-env", "X"]):
+        proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_losses.py"), "--quick", "--out",
+                               str(tmp_path / "x.md"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and "--baseline-env takes KEY=VALUE and needs --baseline" in proc.stderr, args
+    assert not (tmp_path / "x.md").exists()
+
+
 def test_bench_lattice_quick(tmp_path):
     clean = _is_checkout() and _git("diff", "--quiet", "HEAD", "--", "nclib/csrc").returncode == 0
     # HEAD's kernel sources equal ours: the baseline path runs without compiling a second kernel (minutes)
@@ -129,8 +139,11 @@ def test_bench_lattice_quick(tmp_path):
 
 def test_bench_losses_quick_with_self_baseline(tmp_path):
     out = tmp_path / "losses.md"
-    run_script("bench_losses.py", "--baseline", str(ROOT), "--out", str(out))
+    # the baseline child with glibc malloc as it is (an A/B of nclib.cpu_memory on one checkout)
+    run_script("bench_losses.py", "--baseline", str(ROOT), "--baseline-env", "NCLIB_KEEP_CPU_MEMORY=0",
+               "--out", str(out))
     text = out.read_text()
+    assert "with NCLIB_KEEP_CPU_MEMORY=0." in text
     (rows,) = tables(text)
     measured = [r for r in rows if "not measured" not in r["what"]]
     ours = [r for r in measured if not r["what"].startswith("pydensecrf2")]
