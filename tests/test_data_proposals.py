@@ -3,7 +3,10 @@ deterministic, the unsure band of the ignore variant, and bad input named."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +178,19 @@ def test_command_writes_the_set(root, capsys):
     assert main(["proposals", "--method", "grabcut", "--root", str(root), "--param", "iters=3", "--no-progress"]) == 0
     assert f"{N_TRAIN} proposals at {root / 'Proposals_grabcut'}" in capsys.readouterr().out
     assert json.loads((root / "Proposals_grabcut" / "meta.json").read_text())["params"] == {"iters": 3, "margin": 0.1}
+
+
+
+@pytest.mark.parametrize("tqdm_disable", [None, "1"])
+def test_progress_bar_shown_unless_tqdm_disable(root, tmp_path, tqdm_disable):
+    """The bar is on by default; TQDM_DISABLE=1 (the Makefile's notebook runs; tqdm reads it at import, hence a
+    fresh interpreter) keeps it out of executed notebooks."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    if tqdm_disable:
+        env["TQDM_DISABLE"] = tqdm_disable
+    code = ("import sys; from nclib.data import proposal_masks as PM; "
+            "PM.write_proposal_masks(sys.argv[1], 'grabcut', out=sys.argv[2], limit=1)")
+    out = subprocess.run([sys.executable, "-c", code, str(root), str(tmp_path / "a")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert ("grabcut proposals" in out.stderr) is (tqdm_disable is None), out.stderr

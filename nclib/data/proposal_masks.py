@@ -173,7 +173,9 @@ def write_proposal_masks(
 
     labelled = total = 0
     empty = []
-    for iid in tqdm(ids, desc=f"{method} proposals", unit="image", disable=not progress):
+    # progress=True leaves `disable` to tqdm's environment defaults, so TQDM_DISABLE=1 (the Makefile's notebook runs)
+    # keeps the bar out of executed notebooks
+    for iid in tqdm(ids, desc=f"{method} proposals", unit="image", **({} if progress else {"disable": True})):
         spath = root / scribble_dir / f"{iid}.png"
         scribble = _read_scribble(spath, ds.num_classes)
         target = partial / f"{iid}.png"

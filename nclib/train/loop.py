@@ -398,7 +398,10 @@ def _next_batch(st: _State, data, done: int):
 
 
 def _loop(st: _State, progress: bool, callback: Optional[Callback]) -> Dict[str, Any]:
-    from tqdm.auto import tqdm
+    if progress:  # tqdm.auto warns inside a Jupyter kernel without ipywidgets, even for a disabled bar
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     cfg = st.cfg
     data = iter(_loader(st))
