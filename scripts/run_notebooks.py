@@ -6,10 +6,13 @@ notebook's ``parameters`` cell before anything runs (papermill itself only warns
 to the notebook's default are not injected, so a default run leaves the committed notebook's cells unchanged.
 ``--force`` sets ``force = True`` in each notebook that has it (retrain instead of reading ``results/``).
 ``--write-back`` strips volatile metadata (``nclib.report.strip_notebook``) and writes the executed notebook over
-``notebooks/NAME.ipynb`` (what ``make figures`` does); otherwise it stays under ``--out``.
+``notebooks/NAME.ipynb`` (what ``make figures`` does); otherwise it stays under ``--out``. The written-back
+notebook keeps papermill's injected cell (the parameters it ran with) but never ``force = True``: left there, every
+later plain ``make figures`` would retrain everything again.
 """
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +52,22 @@ def plan_runs(profile, stems=(), force=False, nbdir=ROOT / "notebooks"):
     return plans
 
 
+def drop_force(nb):
+    """``nb`` (notebook dict, changed in place and returned) without a ``force = ...`` line in papermill's injected
+    cell, and without that cell when nothing else is left in it."""
+    for cell in list(nb.get("cells", [])):
+        if "injected-parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        src = cell.get("source", "")
+        lines = [ln for ln in (src.splitlines(True) if isinstance(src, str) else src)
+                 if not re.match(r"\s*force\s*=", ln)]
+        if any(ln.strip() and not ln.lstrip().startswith("#") for ln in lines):
+            cell["source"] = lines
+        else:
+            nb["cells"].remove(cell)
+    return nb
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("profile")
@@ -67,7 +86,7 @@ def main(argv=None):
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name="python3", cwd=str(path.parent),
                             execution_timeout=3600, progress_bar=False)
         if args.write_back:
-            nb = strip_notebook(json.loads(out.read_text()))
+            nb = strip_notebook(drop_force(json.loads(out.read_text())))
             path.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
         print(f"{stem}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"{len(plans)} notebooks in {time.perf_counter() - t_all:.0f} s", flush=True)

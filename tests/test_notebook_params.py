@@ -312,6 +312,23 @@ def test_runner_injects_only_what_differs_and_force_where_declared(tmp_path):
         mod.plan_runs(bad)
 
 
+def test_write_back_never_keeps_force():
+    """After `make figures FORCE=1` the committed notebooks must not carry `force = True` into the next plain run."""
+    mod = runner()
+
+    def nb(src):
+        return {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "force = False\n"},
+                          {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": src},
+                          {"cell_type": "code", "metadata": {}, "source": "print(force)\n"}]}
+
+    only_force = mod.drop_force(nb(["# Parameters\n", "force = True\n"]))
+    assert [c["metadata"].get("tags") for c in only_force["cells"]] == [["parameters"], None]
+    mixed = mod.drop_force(nb("# Parameters\nseeds = [0]\nforce = True\n"))
+    assert mixed["cells"][1]["source"] == ["# Parameters\n", "seeds = [0]\n"]
+    untouched = nb(["# Parameters\n", "seeds = [0]\n"])
+    assert mod.drop_force(untouched)["cells"][1]["source"] == ["# Parameters\n", "seeds = [0]\n"]
+
+
 def test_label_rgb_colours_labels_and_dims_the_photo_where_unlabelled():
     import numpy as np
 
