@@ -50,11 +50,15 @@ def _snapshot() -> tuple:
     return files, status
 
 
+def _script_env(**extra: str) -> dict:
+    """The environment `make bench` gives a script: the repo on PYTHONPATH, this session's kernel build folder."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), NCLIB_BUILD_DIR=str(_ext.build_root()), **extra)
+
+
 def run_script(name: str, *args: str, env: dict | None = None) -> str:
     """Run scripts/<name> --quick with ``args`` as `make bench` does (the repo on PYTHONPATH, this session's kernel
     build folder so nothing is compiled twice); assert that it succeeds and leaves the tracked tree alone."""
-    child_env = dict(os.environ, PYTHONPATH=str(ROOT), NCLIB_BUILD_DIR=str(_ext.build_root()), OMP_NUM_THREADS="1",
-                     **(env or {}))
+    child_env = _script_env(OMP_NUM_THREADS="1", **(env or {}))
     before = _snapshot()
     proc = subprocess.run([sys.executable, str(SCRIPTS / name), "--quick", *args], cwd=ROOT, env=child_env,
                           capture_output=True, text=True, timeout=300)
@@ -101,20 +105,18 @@ def check_table(rows: list[dict], positive: list[str], min_rows: int = 1) -> Non
 
 def test_quick_needs_out():
     """--quick without --out is refused: a quick table must never replace a committed one."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NCLIB_BUILD_DIR=str(_ext.build_root()))
     before = _snapshot()
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_losses.py"), "--quick"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_losses.py"), "--quick"], cwd=ROOT, env=_script_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--quick needs --out" in proc.stderr, proc.stderr
     assert _snapshot() == before
 
 
 def test_baseline_env_needs_a_baseline_and_key_value(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NCLIB_BUILD_DIR=str(_ext.build_root()))
     for args in (["--baseline-env", "NCLIB_KEEP_CPU_MEMORY=0"], ["--baseline", str(ROOT), "--baseline-env", "X"]):
         proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_losses.py"), "--quick", "--out",
-                               str(tmp_path / "x.md"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
+                               str(tmp_path / "x.md"), *args], cwd=ROOT, env=_script_env(), capture_output=True,
+                              text=True, timeout=120)
         assert proc.returncode == 2 and "--baseline-env takes KEY=VALUE and needs --baseline" in proc.stderr, args
     assert not (tmp_path / "x.md").exists()
 

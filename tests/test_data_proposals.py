@@ -180,7 +180,6 @@ def test_command_writes_the_set(root, capsys):
     assert json.loads((root / "Proposals_grabcut" / "meta.json").read_text())["params"] == {"iters": 3, "margin": 0.1}
 
 
-
 @pytest.mark.parametrize("tqdm_disable", [None, "1"])
 def test_progress_bar_shown_unless_tqdm_disable(root, tmp_path, tqdm_disable):
     """The bar is on by default; TQDM_DISABLE=1 (the Makefile's notebook runs; tqdm reads it at import, hence a
