@@ -116,6 +116,31 @@ def test_any_channel_count(astro, channels, device):
     assert relative_rms_error(out, exact) < 0.04
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_each_channel_filtered_alone_bitwise(threads):
+    """The CPU kernels' vertex rows are padded to 8-float blocks and loaded whole (1..8, 9..16, 17..24, 25..32
+    channels) or in masked vectors (one channel, more than 32); 3 threads on a batch of 3 split no channels, on a
+    batch of 1 they do. Every way gives each channel the very floats it gets alone. The roi leaves out the first
+    rows of image 0 (its first vertex is not pixel 0's) and all of image 1 (it owns no vertex)."""
+    imgs = torch.cat([photo_tensor(n, crop=40) for n in PHOTOS[:3]])
+    roi = torch.ones(3, 40, 40, dtype=torch.bool)
+    roi[0, :5], roi[1] = False, False
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for batch in (slice(0, 3), slice(2, 3)):
+            lat = Permutohedral(rgbxy_features(imgs[batch], 15.0, 10.0), roi[batch])
+            pixels = lat.state.vertex_ids.shape[0]
+            for channels in (5, 8, 9, 16, 17, 21, 24, 25, 32, 33, 40):
+                v = torch.rand(pixels, channels, generator=torch.Generator().manual_seed(channels))
+                out = lat.apply_pixel_major(v)
+                for c in range(channels):
+                    assert torch.equal(out[:, c], lat.apply_pixel_major(v[:, c : c + 1].contiguous())[:, 0]), \
+                        (channels, c)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_large_coordinates_small_sigma():
     # a 4 x 4000 strip: x reaches 4000 px with sigma_xy = 2 px, so features reach 2000 sigmas
     torch.manual_seed(1)
