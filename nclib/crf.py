@@ -249,9 +249,12 @@ def _mean_field(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tens
 def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.Tensor:
     """:func:`_mean_field` with each update (messages, softmax, next inputs) in one pass of the CPU build's
     ``nclib_meanfield.update`` kernel; with a grid smoothness kernel (last) the update is fused into its blur
-    (``nclib_gauss.blur_update``: the blurred rows go straight into the update, never to memory)."""
+    (``nclib_gauss.blur_update``: the blurred rows go straight into the update, never to memory). The default
+    pair of kernels (appearance lattice + grid) goes to :func:`_mean_field_cpu_fused`."""
     _ext.load("cpu")  # registers torch.ops.nclib_meanfield and torch.ops.nclib_gauss
     update, blur_update = torch.ops.nclib_meanfield.update, torch.ops.nclib_gauss.blur_update
+    if len(kernels) == 2 and isinstance(kernels[0], _Kernel) and isinstance(kernels[1], _GridKernel):
+        return _mean_field_cpu_fused(neg_unary, kernels[0], kernels[1], iterations)
     ones = torch.ones_like(neg_unary[:, :1])
     pres = [kn.pre if kn.pre is not None else ones for kn in kernels]
     posts = [kn.post.contiguous() for kn in kernels]
@@ -281,4 +284,32 @@ def _mean_field_cpu(neg_unary: torch.Tensor, kernels, iterations: int) -> torch.
             inputs[-1], spare = spare, inputs[-1]
     q = torch.empty_like(neg_unary)
     step([ones], [q])
+    return q
+
+
+def _mean_field_cpu_fused(neg_unary: torch.Tensor, appearance: "_Kernel", grid: "_GridKernel",
+                          iterations: int) -> torch.Tensor:
+    """The common case (an appearance lattice and the grid smoothness kernel, both normalized) with one (P, K)
+    array of state: each step splats and blurs ``pre * Q`` on the lattice (``nclib_meanfield.splat_blur``), then
+    ``nclib_gauss.blur_slice_update`` blurs ``pre * Q`` on the grid and, row by row, slices the lattice and updates
+    into the next Q. No (P, K) message, filtered or pre-multiplied array is written."""
+    update = torch.ops.nclib_meanfield.update
+    splat_blur, blur_slice_update = torch.ops.nclib_meanfield.splat_blur, torch.ops.nclib_gauss.blur_slice_update
+    st = appearance.lattice.state
+    ones = torch.ones_like(neg_unary[:, :1])
+    pre_lat = appearance.pre if appearance.pre is not None else ones
+    pre_grid = grid.pre if grid.pre is not None else ones
+    post_lat, post_grid = appearance.post.contiguous(), grid.post.contiguous()
+    b, h, w = grid.shape
+    k = neg_unary.shape[1]
+    row = k if k == 1 else (k + 7) // 8 * 8  # padded_row(k) of csrc/lattice_rows_cpu.h: the vertex row
+    lat_a = torch.empty(st.neighbors.shape[0], row)
+    lat_b = torch.empty_like(lat_a)
+    q, nxt = torch.empty_like(neg_unary), torch.empty_like(neg_unary)
+    update(neg_unary, [], [], [ones], [q])  # Q_0 = softmax(unary)
+    for _ in range(iterations):
+        lat = splat_blur(q, pre_lat, st.vertex_ids, st.barycentric, st.neighbors, b, lat_a, lat_b)
+        blur_slice_update(q, b, h, w, grid.taps, pre_grid, post_grid, neg_unary, lat, st.vertex_ids,
+                          st.barycentric, post_lat, nxt)
+        q, nxt = nxt, q
     return q

@@ -296,3 +296,29 @@ def test_roi_pixels_do_not_influence_inside_every_normalization(normalization):
     a = dense_crf(p, img, 5, normalization=normalization)
     b = dense_crf(pad_p, pad_img, 5, roi=roi, normalization=normalization)[..., :40, :40]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_fused_cpu_mean_field_matches_torch_ops(normalization, monkeypatch):
+    """The CPU build's fused steps (lattice splat + blur, then grid blur + slice + update row by row, one (P, K)
+    state) against the torch-ops mean field of the same kernels, any thread count, labels 1..40 (every padded
+    vertex-row width), with a roi. Both round differently, so they agree to float rounding, not bitwise."""
+    from nclib import crf
+
+    imgs = torch.cat([resized_photo("coffee", 37), resized_photo("chelsea", 37)])
+    roi = torch.ones(2, 37, 37, dtype=torch.bool)
+    roi[1, 30:] = False
+    old = torch.get_num_threads()
+    try:
+        for k, threads in ((1, 1), (5, 2), (21, 1), (21, 3), (40, 2)):
+            torch.set_num_threads(threads)
+            p = network_like_probs(imgs, k, seed=k) if k > 1 else torch.ones(2, 1, 37, 37)
+            fused = dense_crf(p, imgs, 5, normalization=normalization, roi=roi)
+            with monkeypatch.context() as m:
+                m.setattr(crf, "_mean_field_cpu", crf._mean_field)
+                reference = dense_crf(p, imgs, 5, normalization=normalization, roi=roi)
+            assert float((fused - reference).abs().max()) <= 2e-6, (k, threads)
+            if k > 1:
+                assert not torch.equal(fused, p)  # the CRF did something
+    finally:
+        torch.set_num_threads(old)

@@ -29,6 +29,8 @@
 #include <immintrin.h>
 #endif
 
+#include "lattice_common.h"
+#include "lattice_rows_cpu.h"
 #include "meanfield_rows.h"
 
 namespace nclib {
@@ -118,16 +120,21 @@ inline void vpass(float* const* dst, int rows_out, const float* const* in, int64
 #endif
 }
 
-// The blur of values (B*H*W, K) (taps g_0..g_R), handing each group of up to kRows output rows to
-// sink(b, y, rows_out, rows): rows[j] (W*K floats, scratch) is output row y + j of image b. Parallel over bands.
-template <typename Sink>
-void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, const float* g, int R, Sink sink) {
-  const int64_t n = W * K;  // floats per row
-  // Bands of output rows: enough for every thread even at batch 1, few enough that the 2R rows a band
-  // recomputes above and below it stay a small share.
+// Bands of output rows per image: enough for every thread even at batch 1, few enough that the 2R rows a band
+// recomputes above and below it stay a small share.
+int64_t bands_per_image(int64_t batch, int64_t H, int R) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_image = std::max<int64_t>(1, std::min<int64_t>(H / std::max(4 * R, 1),
-                                                                      (threads + batch - 1) / batch));
+  return std::max<int64_t>(1, std::min<int64_t>(H / std::max(4 * R, 1), (threads + batch - 1) / batch));
+}
+
+// The blur of values (B*H*W, K) (taps g_0..g_R), or of pre * values with pre (B*H*W) given, handing each group of
+// up to kRows output rows to sink(b, y, rows_out, rows): rows[j] (W*K floats, scratch) is output row y + j of
+// image b. Parallel over bands.
+template <typename Sink>
+void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, const float* g, int R, Sink sink,
+               const float* pre = nullptr) {
+  const int64_t n = W * K;  // floats per row
+  const int64_t per_image = bands_per_image(batch, H, R);
   const int64_t band = (H + per_image - 1) / per_image;
   const int ni = 2 * R + kRows;  // input rows of one group of kRows output rows
   std::vector<float> wt(static_cast<size_t>(kRows * ni), 0.f);
@@ -156,7 +163,14 @@ void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, 
       for (int64_t y = y0; y < y1; y += kRows) {
         const int rows_out = static_cast<int>(std::min<int64_t>(kRows, y1 - y));
         for (; done < std::min(H, y + kRows + R); ++done) {  // horizontal pass of the rows this group needs
-          std::memcpy(mid, img + done * n, sizeof(float) * n);
+          if (pre == nullptr) {
+            std::memcpy(mid, img + done * n, sizeof(float) * n);
+          } else {
+            const float* row = img + done * n;
+            const float* pr = pre + (b * H + done) * W;
+            for (int64_t x = 0; x < W; ++x)
+              for (int64_t k = 0; k < K; ++k) mid[x * K + k] = pr[x] * row[x * K + k];
+          }
           hpass(rows.data() + (done % ring) * n, mid, n, K, g, R);
         }
         for (int i = 0; i < ni; ++i) {
@@ -223,6 +237,63 @@ void blur_update(const at::Tensor& values, int64_t batch, int64_t height, int64_
             });
 }
 
+// The dense CRF's whole mean-field update from Q (P, K), for an appearance lattice and this grid blur:
+//   m = unary + post_lat * slice(lat) + post_grid * blur(pre_grid * Q);  out = softmax(m)
+// lat (V, padded_row(K)) is the lattice's blurred splat of pre_lat * Q (torch.ops.nclib_meanfield.splat_blur).
+// Row by row, as the blur emits them: each row is sliced into scratch and updated, so neither the sliced nor the
+// blurred (P, K) array is ever written or read back. (Splatting the new rows here for the next step, instead of
+// the separate splat, was 1.6x slower than that splat: the scattered writes and the slice's reads share L2.)
+void blur_slice_update(const at::Tensor& values, int64_t batch, int64_t height, int64_t width,
+                       const at::Tensor& taps, const at::Tensor& pre_grid, const at::Tensor& post_grid,
+                       const at::Tensor& unary, const at::Tensor& lat, const at::Tensor& vtx,
+                       const at::Tensor& bary, const at::Tensor& post_lat, const at::Tensor& out) {
+  check_blur(values, batch, height, width, taps, "blur_slice_update");
+  const int64_t P = values.size(0), K = values.size(1);
+  TORCH_CHECK(unary.sizes() == values.sizes() && unary.is_contiguous() && unary.scalar_type() == at::kFloat &&
+                  out.sizes() == values.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat &&
+                  out.data_ptr<float>() != values.data_ptr<float>(),
+              "blur_slice_update: unary and out (P, K) contiguous float32 like values, out not values");
+  for (const at::Tensor* t : {&pre_grid, &post_grid, &post_lat})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->numel() == P,
+                "blur_slice_update: pre_grid, post_grid and post_lat must be contiguous float32 (P, 1)");
+  TORCH_CHECK(vtx.dim() == 2 && vtx.size(0) == P && vtx.scalar_type() == at::kInt && vtx.is_contiguous() &&
+                  bary.sizes() == vtx.sizes() && bary.scalar_type() == at::kFloat && bary.is_contiguous(),
+              "blur_slice_update: vtx (P, D+1) int32 and bary (P, D+1) float32 of the appearance lattice");
+  const int64_t S = padded_row(K);
+  TORCH_CHECK(lat.dim() == 2 && lat.size(1) == S && lat.scalar_type() == at::kFloat && lat.is_contiguous(),
+              "blur_slice_update: lat must be a contiguous float32 (V, ", S, ")");
+  const int d1 = static_cast<int>(vtx.size(1));
+  const float alpha = lattice_alpha(d1 - 1);
+  const int32_t* vp = vtx.data_ptr<int32_t>();
+  const float* bp = bary.data_ptr<float>();
+  const float* lp = lat.data_ptr<float>();
+  mf::Rows r{};
+  r.u = unary.data_ptr<float>();
+  r.J = 2;
+  r.po[0] = post_lat.data_ptr<float>();
+  r.po[1] = post_grid.data_ptr<float>();
+  r.O = 1;
+  r.pr[0] = nullptr;
+  r.o[0] = out.data_ptr<float>();
+  blur_rows(values.data_ptr<float>(), batch, height, width, K, taps.data_ptr<float>(),
+            static_cast<int>(taps.numel() - 1), [&](int64_t b, int64_t y, int rows_out, float* const* rows) {
+              thread_local std::vector<float> sliced;
+              if (sliced.size() < static_cast<size_t>(width * K)) sliced.resize(static_cast<size_t>(width * K));
+              for (int j = 0; j < rows_out; ++j) {
+                const int64_t first = (b * height + y + j) * width;
+                for (int64_t x = 0; x < width; ++x) {
+                  const int64_t p = first + x;
+                  slice_pixel(sliced.data() + x * K, K, vp + p * d1, bp + p * d1, d1, alpha, lp, S);
+                }
+                mf::Rows s = mf::offset(r, first, K);
+                s.f[0] = sliced.data();
+                s.f[1] = rows[j];
+                mf::update_pixels(s, width, K);
+              }
+            },
+            pre_grid.data_ptr<float>());
+}
+
 }  // namespace
 }  // namespace nclib
 
@@ -231,4 +302,7 @@ TORCH_LIBRARY_FRAGMENT(nclib_gauss, m) {
   m.def("blur_update(Tensor values, int batch, int height, int width, Tensor taps, Tensor post_blur, Tensor unary, "
         "Tensor[] filtered, Tensor[] post, Tensor[] pre, Tensor[] out) -> ()",
         &nclib::blur_update);
+  m.def("blur_slice_update(Tensor values, int batch, int height, int width, Tensor taps, Tensor pre_grid, "
+        "Tensor post_grid, Tensor unary, Tensor lat, Tensor vtx, Tensor bary, Tensor post_lat, Tensor out) -> ()",
+        &nclib::blur_slice_update);
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "lattice_common.h"
+#include "lattice_rows_cpu.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -368,111 +369,6 @@ constexpr int64_t kBlockPixels = 8192;
 // Pixels per tile when the values are channel-major (NCHW): the splat gathers, the slice scatters a tile.
 constexpr int64_t kTile = 16;
 
-// Lattice rows hold C channels in a row of padded_row(C) floats (a multiple of 8; the padding holds 0): a row of
-// 17..24 channels is one 16-wide and one 8-wide vector, loaded and stored unmasked. The splat reloads a vertex row
-// that the pixel before has just stored (neighbouring pixels share vertices), and a masked store does not forward
-// to that load: with unmasked rows the 21-channel splat ran 2.1x faster (AMD EPYC, one thread), the same sums.
-inline int64_t padded_row(int64_t C) { return C == 1 ? 1 : (C + 7) / 8 * 8; }
-
-// Rows of padded_row(cw) floats, cw <= 32, updated with unmasked vectors: F full 16-wide ones and, with T, an
-// 8-wide one. The pixel's values are loaded once; each corner's row is updated whole before the next corner's
-// (vector by vector, or with the values in a stack array, ran 1.7-2.4x slower here). Full vectors are loaded
-// unmasked: masked 16-wide loads cost ~20% of the splat here (8-wide ones did not).
-template <int F, bool T>
-inline void splat_rows(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
-                       int64_t stride, int64_t first) {
-#if defined(__AVX512F__)
-  __m512 x0 = _mm512_setzero_ps(), x1 = _mm512_setzero_ps();
-  __m256 xt = _mm256_setzero_ps();
-  const auto mask16 = [&](int64_t left) {
-    return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-  };
-  if (F >= 1) x0 = cw >= 16 ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(mask16(cw), src);
-  if (F >= 2) x1 = cw >= 32 ? _mm512_loadu_ps(src + 16) : _mm512_maskz_loadu_ps(mask16(cw - 16), src + 16);
-  if (T) xt = _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << (cw - 16 * F)) - 1), src + 16 * F);
-  for (int r = 0; r < d1; ++r) {
-    float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride;
-    const __m512 wr = _mm512_set1_ps(w[r]);
-    if (F >= 1) _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_mul_ps(wr, x0)));
-    if (F >= 2) _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_loadu_ps(dst + 16), _mm512_mul_ps(wr, x1)));
-    if (T)
-      _mm256_storeu_ps(dst + 16 * F, _mm256_add_ps(_mm256_loadu_ps(dst + 16 * F),
-                                                   _mm256_mul_ps(_mm512_castps512_ps256(wr), xt)));
-  }
-#endif
-}
-
-// Splat one pixel: row v_r of `acc` (row stride `stride`: padded_row(cw), or 1 for one channel) += w_r *
-// src[0..cw) for its corners r (all -1 outside the roi). Per element, the same float operations in the same order,
-// whichever path runs.
-inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
-                        int64_t stride, int64_t first = 0) {
-  if (ids[0] < 0) return;  // row v of `acc` holds vertex first + v
-#if defined(__AVX512F__)
-  if (stride % 8 == 0 && cw <= 32) {
-    switch ((cw + 7) / 8) {  // 8-float blocks of the padded row
-      case 1: splat_rows<0, true>(src, cw, ids, w, d1, acc, stride, first); return;
-      case 2: splat_rows<1, false>(src, cw, ids, w, d1, acc, stride, first); return;
-      case 3: splat_rows<1, true>(src, cw, ids, w, d1, acc, stride, first); return;
-      default: splat_rows<2, false>(src, cw, ids, w, d1, acc, stride, first); return;
-    }
-  }
-  for (int64_t c = 0; c < cw; c += 16) {  // more channels, or the degree's one: masked vectors
-    const __mmask16 m = cw - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cw - c)) - 1);
-    const __m512 x = _mm512_maskz_loadu_ps(m, src + c);
-    for (int r = 0; r < d1; ++r) {
-      float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride + c;
-      _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), _mm512_mul_ps(_mm512_set1_ps(w[r]), x)));
-    }
-  }
-#else
-  for (int r = 0; r < d1; ++r) {
-    float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride;
-    for (int64_t c = 0; c < cw; ++c) dst[c] += w[r] * src[c];
-  }
-#endif
-}
-
-// Slice one pixel: dst[0..C) = sum over corners r (in order, from 0) of (alpha * w_r) * row v_r of `lat` (row
-// stride S = padded_row(C)).
-inline void slice_pixel(float* dst, int64_t C, const int32_t* ids, const float* w, int d1, float alpha,
-                        const float* lat, int64_t S) {
-#if defined(__AVX512F__)
-  if (S % 8 == 0) {
-    int64_t c = 0;
-    for (; c + 8 < C; c += 16) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int r = 0; r < d1; ++r) {
-        if (ids[r] < 0) continue;
-        const __m512 x = _mm512_loadu_ps(lat + static_cast<int64_t>(ids[r]) * S + c);
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(alpha * w[r]), x));
-      }
-      if (C - c >= 16)
-        _mm512_storeu_ps(dst + c, acc);
-      else
-        _mm512_mask_storeu_ps(dst + c, static_cast<__mmask16>((1u << (C - c)) - 1), acc);
-    }
-    if (c < C) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int r = 0; r < d1; ++r) {
-        if (ids[r] < 0) continue;
-        const __m256 x = _mm256_loadu_ps(lat + static_cast<int64_t>(ids[r]) * S + c);
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(alpha * w[r]), x));
-      }
-      _mm256_mask_storeu_ps(dst + c, static_cast<__mmask8>((1u << (C - c)) - 1), acc);
-    }
-    return;
-  }
-#endif
-  std::fill(dst, dst + C, 0.f);
-  for (int r = 0; r < d1; ++r) {
-    if (ids[r] < 0) continue;
-    const float wr = alpha * w[r];
-    const float* src = lat + static_cast<int64_t>(ids[r]) * S;
-    for (int64_t c = 0; c < C; ++c) dst[c] += wr * src[c];
-  }
-}
-
 }  // namespace
 
 // features (P, D) float32 contiguous; roi (P) bool or empty; P = batch * pixels_per_image.
@@ -655,8 +551,9 @@ bool image_vertices(const int32_t* vp, int64_t n, int d1, int64_t batch, int64_t
 // is written. ones (V) zeroed, or null: also S 1 (the degree's splat, by the first chunk of each image: one pass).
 // channel_major: `in` is (batch, C, P / batch) (NCHW) instead of (P, C); each pixel's channels are gathered
 // into a short row first, so the sums are the same floats in the same order as from pixel-major input.
+// pre (P), or null: splat pre[p] * in[p] (the dense CRF's normalized kernels).
 void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float* bp, int d1, int64_t V,
-           int64_t batch, float* lat, float* ones, bool channel_major) {
+           int64_t batch, float* lat, float* ones, bool channel_major, const float* pre = nullptr) {
   const int64_t n = P / batch;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (threads + batch - 1) / batch));
@@ -697,7 +594,7 @@ void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float
         if (ids[0] < 0) continue;  // outside the roi: all corners are -1
         const float* src = in + p * C + c0;
         if (channel_major) src = tile.data() + ((p - b * n) % kTile) * cw;
-        splat_pixel(src, cw, ids, bp + p * d1, d1, dst, stride, vmin);
+        splat_pixel(src, cw, ids, bp + p * d1, d1, dst, stride, vmin, pre != nullptr ? pre[p] : 1.0f);
         if (deg != nullptr) splat_pixel(&one, 1, ids, bp + p * d1, d1, deg, 1);
       }
       if (!direct) {
@@ -735,6 +632,10 @@ float* blur(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C, int d
         if (n0 >= 0 && n1 >= 0) {
           const float* x0 = a + static_cast<int64_t>(n0) * C;
           const float* x1 = a + static_cast<int64_t>(n1) * C;
+          if (C == 1) {  // the degree's one channel: a masked vector per vertex cost 4x more
+            dst[0] = self[0] + 0.5f * (x0[0] + x1[0]);
+            continue;
+          }
 #if defined(__AVX512F__)
           // explicit vectors: gcc's auto-vectorised loop for a runtime C (21) ran mostly in its scalar epilogue
           const __m512 half = _mm512_set1_ps(0.5f);
@@ -864,6 +765,29 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   return out;
 }
 
+// The dense CRF's lattice half of a mean-field step: B S (pre * values) for pixel-major values (P, C) and pre
+// (P, 1), computed in buffer `a` with `tmp` for the blur's ping-pong, both (V, padded_row(C)); returns the one that
+// holds the result. The slice is fused into the update (torch.ops.nclib_gauss.blur_slice_update).
+torch::Tensor splat_blur(const torch::Tensor& values, const torch::Tensor& pre, const torch::Tensor& vtx,
+                         const torch::Tensor& bary, const torch::Tensor& nbr, int64_t batch, const torch::Tensor& a,
+                         const torch::Tensor& tmp) {
+  const auto pc = check_values(values, vtx, batch, false, "splat_blur");
+  const int64_t P = pc.first, C = pc.second;
+  const int64_t V = nbr.size(0), S = padded_row(C);
+  const int d1 = static_cast<int>(vtx.size(1));
+  TORCH_CHECK(values.is_contiguous() && pre.is_contiguous() && pre.scalar_type() == torch::kFloat32 &&
+                  pre.numel() == P,
+              "splat_blur: values (P, C) and pre (P, 1) must be contiguous float32");
+  for (const torch::Tensor* t : {&a, &tmp})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat32 && t->dim() == 2 && t->size(0) == V &&
+                    t->size(1) == S,
+                "splat_blur: buffers must be contiguous float32 (V, ", S, ")");
+  splat(values.data_ptr<float>(), P, C, vtx.data_ptr<int32_t>(), bary.data_ptr<float>(), d1, V, batch,
+        a.data_ptr<float>(), nullptr, false, pre.data_ptr<float>());
+  const float* out = blur(a.data_ptr<float>(), tmp.data_ptr<float>(), nbr.data_ptr<int32_t>(), V, S, d1, false);
+  return out == a.data_ptr<float>() ? a : tmp;
+}
+
 // (L + L') values, L = alpha S' B S and L' = alpha S' B' S (the NC loss needs (L + L') S for its gradient and
 // S'(L + L')S / 2 = S'LS for its value): the two differ only in the order of the blur axes, so one splat serves
 // both blurs and, the slice being linear, one slice of the blurred sum serves both. Same routines as filter(), so
@@ -915,6 +839,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("csr_ptr"), py::arg("csr_idx"), py::arg("transpose"), py::arg("batch"),
         py::arg("channel_major") = false, py::arg("out") = py::none());
   m.def("profile", &nclib::profile, "Wall-clock ms of each phase of the last build and filter in this process");
+}
+
+// The dense CRF's lattice half of a mean-field step (nclib/crf.py).
+TORCH_LIBRARY_FRAGMENT(nclib_meanfield, m) {
+  m.def("splat_blur(Tensor values, Tensor pre, Tensor vtx, Tensor bary, Tensor nbr, int batch, Tensor a, "
+        "Tensor tmp) -> Tensor",
+        &nclib::splat_blur);
 }
 
 // The NC loss's fused operator, as a torch op (nclib/lattice.py calls torch.ops.nclib_both.filter_sym).

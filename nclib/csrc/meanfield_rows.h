@@ -21,7 +21,7 @@ namespace mf {
 constexpr int kMaxTerms = 4;  // filtered inputs of one update
 constexpr int kMaxOuts = 4;
 
-// Pointers at the run's first pixel: u, f[j], o[i] (n, K) rows; po[j], pr[i] one float per pixel.
+// Pointers at the run's first pixel: u, f[j], o[i] (n, K) rows; po[j], pr[i] one float per pixel (pr[i] null: 1).
 struct Rows {
   const float* u;
   const float* f[kMaxTerms];
@@ -104,7 +104,7 @@ void update_pixels_avx512(const Rows& r, int64_t n, int64_t K) {
     }
     const float inv = 1.0f / _mm512_reduce_add_ps(sum);  // >= 1 term is exp(0) = 1
     for (int i = 0; i < r.O; ++i) {
-      const __m512 s = _mm512_set1_ps(inv * r.pr[i][p]);
+      const __m512 s = _mm512_set1_ps(r.pr[i] != nullptr ? inv * r.pr[i][p] : inv);
       for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(r.o[i] + p * K + 16 * c, mask[c], _mm512_mul_ps(m[c], s));
     }
   }
@@ -167,10 +167,10 @@ inline void update_pixels(const Rows& r, int64_t n, int64_t K) {
     for (int64_t e = 0; e < ne; ++e) m[e] = exp_nonpositive(m[e]);
     for (int64_t i = 0; i < np; ++i) rr[i] = 1.0f / row_sum(m + i * K, K);  // >= 1 term is exp(0) = 1
     for (int o_i = 0; o_i < r.O; ++o_i) {
-      const float* pre_p = r.pr[o_i] + p0;
+      const float* pre_p = r.pr[o_i] != nullptr ? r.pr[o_i] + p0 : nullptr;
       float* op = r.o[o_i] + p0 * K;
       for (int64_t i = 0; i < np; ++i) {
-        const float s = rr[i] * pre_p[i];
+        const float s = pre_p != nullptr ? rr[i] * pre_p[i] : rr[i];
         for (int64_t k = 0; k < K; ++k) op[i * K + k] = m[i * K + k] * s;
       }
     }
@@ -186,7 +186,7 @@ inline Rows offset(const Rows& r, int64_t first, int64_t K) {
     s.po[j] += first;
   }
   for (int i = 0; i < r.O; ++i) {
-    s.pr[i] += first;
+    if (s.pr[i] != nullptr) s.pr[i] += first;
     s.o[i] += first * K;
   }
   return s;
