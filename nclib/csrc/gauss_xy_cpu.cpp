@@ -9,7 +9,7 @@
 // labels (21, not a multiple of the vector width) cost no masked lanes.
 //
 // Per image, bands of output rows run in parallel; each band computes the horizontal pass of the rows it needs
-// into a ring of 2R + 4 rows (stays in L2) and sums them vertically, 4 output rows at a time. Every output is
+// into a ring of 2R + 2 rows (stays in L2) and sums them vertically, 2 output rows at a time. Every output is
 // the same float expression in the same order whatever the banding: results do not depend on the thread count.
 // Multiply-adds are fused (FMA) here: nothing else has to round like this kernel.
 // Registered as torch.ops.nclib_gauss.blur_xy, and blur_update: the dense CRF's mean-field update with this blur as
@@ -78,15 +78,17 @@ inline void hpass(float* dst, const float* c, int64_t n, int64_t s, const float*
 #endif
 }
 
-// Vertical pass for kRows output rows at once: dst[j][e] = sum_i wt[j][i] * in[i][e] (i ascending) over the
-// 2R + kRows input rows in[i] = row y - R + i, where wt[j][i] = g_|i - R - j| inside the window and 0 outside.
-// Each loaded vector feeds kRows accumulators: about 1 + 2R/kRows loads per output instead of 2R + 1 (the rows
-// come from L2). rows_out < kRows: only the first rows_out outputs are stored. Per output the nonzero terms are
-// summed in the same order as a single-row sum (the zero terms add +0 exactly: inputs are finite), so the
-// result does not depend on how rows are grouped.
-constexpr int kRows = 4;
+// Vertical pass for two output rows at once, the symmetric taps paired like hpass's:
+//   dst[0][e] = g0 * in[R][e]     + sum_{t=1..R} g_t * (in[R - t][e] + in[R + t][e])
+//   dst[1][e] = g0 * in[R + 1][e] + sum_{t=1..R} g_t * (in[R + 1 - t][e] + in[R + 1 + t][e])
+// over the 2R + 2 input rows in[i] = row y - R + i. Row R + t of the first sum is row R + 1 + (t - 1) of the
+// second's previous step, and row R + 1 - t of the second is row R - (t - 1) of the first's: two loads, two adds
+// and two multiply-adds per tap give both rows (with one row per call it would be 2R + 1 multiply-adds per output
+// from as many loads; the rows come from L2). rows_out == 1: only dst[0] is stored. Each output is the same
+// expression, in the same order, as hpass's: results do not depend on how rows are grouped into bands.
+constexpr int kRows = 2;
 
-inline void vpass(float* const* dst, int rows_out, const float* const* in, int64_t n, const float* wt, int ni) {
+inline void vpass(float* const* dst, int rows_out, const float* const* in, int64_t n, const float* g, int R) {
   int64_t e = 0;
 #if defined(__AVX512F__)
   for (; e < n; e += 32) {
@@ -94,28 +96,38 @@ inline void vpass(float* const* dst, int rows_out, const float* const* in, int64
     const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
     const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF)
                                     : (left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : __mmask16(0));
-    __m512 a[kRows][2];
-    for (int j = 0; j < kRows; ++j) a[j][0] = a[j][1] = _mm512_setzero_ps();
-    for (int i = 0; i < ni; ++i) {
-      const __m512 x0 = _mm512_maskz_loadu_ps(m0, in[i] + e);
-      const __m512 x1 = _mm512_maskz_loadu_ps(m1, in[i] + e + 16);
-      for (int j = 0; j < kRows; ++j) {
-        const __m512 w = _mm512_set1_ps(wt[j * ni + i]);
-        a[j][0] = _mm512_fmadd_ps(w, x0, a[j][0]);
-        a[j][1] = _mm512_fmadd_ps(w, x1, a[j][1]);
-      }
+    const __m512 g0 = _mm512_set1_ps(g[0]);
+    __m512 pa0 = _mm512_maskz_loadu_ps(m0, in[R] + e), pa1 = _mm512_maskz_loadu_ps(m1, in[R] + e + 16);
+    __m512 pd0 = _mm512_maskz_loadu_ps(m0, in[R + 1] + e), pd1 = _mm512_maskz_loadu_ps(m1, in[R + 1] + e + 16);
+    __m512 a0 = _mm512_mul_ps(g0, pa0), a1 = _mm512_mul_ps(g0, pa1);
+    __m512 b0 = _mm512_mul_ps(g0, pd0), b1 = _mm512_mul_ps(g0, pd1);
+    for (int t = 1; t <= R; ++t) {
+      const __m512 w = _mm512_set1_ps(g[t]);
+      const __m512 x0 = _mm512_maskz_loadu_ps(m0, in[R - t] + e), x1 = _mm512_maskz_loadu_ps(m1, in[R - t] + e + 16);
+      const __m512 z0 = _mm512_maskz_loadu_ps(m0, in[R + 1 + t] + e);
+      const __m512 z1 = _mm512_maskz_loadu_ps(m1, in[R + 1 + t] + e + 16);
+      a0 = _mm512_fmadd_ps(w, _mm512_add_ps(x0, pd0), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_add_ps(x1, pd1), a1);
+      b0 = _mm512_fmadd_ps(w, _mm512_add_ps(pa0, z0), b0);
+      b1 = _mm512_fmadd_ps(w, _mm512_add_ps(pa1, z1), b1);
+      pa0 = x0, pa1 = x1, pd0 = z0, pd1 = z1;
     }
-    for (int j = 0; j < rows_out; ++j) {
-      _mm512_mask_storeu_ps(dst[j] + e, m0, a[j][0]);
-      _mm512_mask_storeu_ps(dst[j] + e + 16, m1, a[j][1]);
+    _mm512_mask_storeu_ps(dst[0] + e, m0, a0);
+    _mm512_mask_storeu_ps(dst[0] + e + 16, m1, a1);
+    if (rows_out > 1) {
+      _mm512_mask_storeu_ps(dst[1] + e, m0, b0);
+      _mm512_mask_storeu_ps(dst[1] + e + 16, m1, b1);
     }
   }
 #else
   for (; e < n; ++e) {
-    float a[kRows] = {0.f};
-    for (int i = 0; i < ni; ++i)
-      for (int j = 0; j < kRows; ++j) a[j] = std::fma(wt[j * ni + i], in[i][e], a[j]);
-    for (int j = 0; j < rows_out; ++j) dst[j][e] = a[j];
+    float a = g[0] * in[R][e], b = g[0] * in[R + 1][e];
+    for (int t = 1; t <= R; ++t) {
+      a = std::fma(g[t], in[R - t][e] + in[R + t][e], a);
+      b = std::fma(g[t], in[R + 1 - t][e] + in[R + 1 + t][e], b);
+    }
+    dst[0][e] = a;
+    if (rows_out > 1) dst[1][e] = b;
   }
 #endif
 }
@@ -137,9 +149,6 @@ void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, 
   const int64_t per_image = bands_per_image(batch, H, R);
   const int64_t band = (H + per_image - 1) / per_image;
   const int ni = 2 * R + kRows;  // input rows of one group of kRows output rows
-  std::vector<float> wt(static_cast<size_t>(kRows * ni), 0.f);
-  for (int j = 0; j < kRows; ++j)
-    for (int i = j; i <= j + 2 * R; ++i) wt[j * ni + i] = g[std::abs(i - R - j)];
   at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {
     const int64_t ring = ni;  // horizontally blurred rows y - R .. y + kRows - 1 + R
     // Scratch kept per thread between calls (the CRF blurs 10 times per image; ~1 MB of fresh pages each time
@@ -177,7 +186,7 @@ void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, 
           const int64_t yy = y - R + i;
           vin[i] = (yy < 0 || yy >= H) ? zero.data() : rows.data() + (yy % ring) * n;
         }
-        vpass(outs, rows_out, vin.data(), n, wt.data(), ni);
+        vpass(outs, rows_out, vin.data(), n, g, R);
         sink(b, y, rows_out, outs);
       }
     }
