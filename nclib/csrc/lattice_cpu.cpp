@@ -619,58 +619,82 @@ int64_t row_grain(int64_t V, int64_t C) {
 
 // Blur lat (V, C) (C: the row length, padded_row of the channels) with [1/2, 1, 1/2] along each axis (transpose: in reverse axis order, the exact adjoint);
 // absent neighbours hold 0. Ping-pongs between lat and tmp; returns the buffer holding the result.
+// One axis of the blur for vertices [lo, hi): tmp = a + (a at the two neighbours along ax) / 2.
+void blur_axis(const float* a, float* tmp, const int32_t* np, int64_t C, int d1, int ax, int64_t lo, int64_t hi) {
+  for (int64_t v = lo; v < hi; ++v) {
+    const int32_t n0 = np[(v * d1 + ax) * 2];
+    const int32_t n1 = np[(v * d1 + ax) * 2 + 1];
+    const float* self = a + v * C;
+    float* dst = tmp + v * C;
+    if (n0 >= 0 && n1 >= 0) {
+      const float* x0 = a + static_cast<int64_t>(n0) * C;
+      const float* x1 = a + static_cast<int64_t>(n1) * C;
+      if (C == 1) {  // the degree's one channel: a masked vector per vertex cost 4x more
+        dst[0] = self[0] + 0.5f * (x0[0] + x1[0]);
+        continue;
+      }
+#if defined(__AVX512F__)
+      // explicit vectors: gcc's auto-vectorised loop for a runtime C (21) ran mostly in its scalar epilogue
+      const __m512 half = _mm512_set1_ps(0.5f);
+      int64_t c = 0;
+      if (C % 8 == 0) {  // padded rows: unmasked
+        for (; c + 16 <= C; c += 16) {
+          const __m512 s = _mm512_add_ps(_mm512_loadu_ps(x0 + c), _mm512_loadu_ps(x1 + c));
+          _mm512_storeu_ps(dst + c, _mm512_add_ps(_mm512_loadu_ps(self + c), _mm512_mul_ps(half, s)));
+        }
+        if (c < C) {
+          const __m256 s = _mm256_add_ps(_mm256_loadu_ps(x0 + c), _mm256_loadu_ps(x1 + c));
+          _mm256_storeu_ps(dst + c, _mm256_add_ps(_mm256_loadu_ps(self + c),
+                                                  _mm256_mul_ps(_mm512_castps512_ps256(half), s)));
+          c = C;
+        }
+      }
+      for (; c < C; c += 16) {
+        const __mmask16 m = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+        const __m512 s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x0 + c), _mm512_maskz_loadu_ps(m, x1 + c));
+        _mm512_mask_storeu_ps(dst + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, self + c), _mm512_mul_ps(half, s)));
+      }
+#else
+      for (int64_t c = 0; c < C; ++c) dst[c] = self[c] + 0.5f * (x0[c] + x1[c]);
+#endif
+    } else if (n0 >= 0 || n1 >= 0) {
+      const float* x = a + static_cast<int64_t>(n0 >= 0 ? n0 : n1) * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = self[c] + 0.5f * x[c];
+    } else {
+      std::copy(self, self + C, dst);
+    }
+  }
+}
+
 float* blur(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C, int d1, bool transpose) {
   const int64_t grain = row_grain(V, C);
   for (int step = 0; step < d1; ++step) {
     const int ax = transpose ? d1 - 1 - step : step;
-    at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t v = lo; v < hi; ++v) {
-        const int32_t n0 = np[(v * d1 + ax) * 2];
-        const int32_t n1 = np[(v * d1 + ax) * 2 + 1];
-        const float* self = a + v * C;
-        float* dst = tmp + v * C;
-        if (n0 >= 0 && n1 >= 0) {
-          const float* x0 = a + static_cast<int64_t>(n0) * C;
-          const float* x1 = a + static_cast<int64_t>(n1) * C;
-          if (C == 1) {  // the degree's one channel: a masked vector per vertex cost 4x more
-            dst[0] = self[0] + 0.5f * (x0[0] + x1[0]);
-            continue;
-          }
-#if defined(__AVX512F__)
-          // explicit vectors: gcc's auto-vectorised loop for a runtime C (21) ran mostly in its scalar epilogue
-          const __m512 half = _mm512_set1_ps(0.5f);
-          int64_t c = 0;
-          if (C % 8 == 0) {  // padded rows: unmasked
-            for (; c + 16 <= C; c += 16) {
-              const __m512 s = _mm512_add_ps(_mm512_loadu_ps(x0 + c), _mm512_loadu_ps(x1 + c));
-              _mm512_storeu_ps(dst + c, _mm512_add_ps(_mm512_loadu_ps(self + c), _mm512_mul_ps(half, s)));
-            }
-            if (c < C) {
-              const __m256 s = _mm256_add_ps(_mm256_loadu_ps(x0 + c), _mm256_loadu_ps(x1 + c));
-              _mm256_storeu_ps(dst + c, _mm256_add_ps(_mm256_loadu_ps(self + c),
-                                                      _mm256_mul_ps(_mm512_castps512_ps256(half), s)));
-              c = C;
-            }
-          }
-          for (; c < C; c += 16) {
-            const __mmask16 m = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
-            const __m512 s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x0 + c), _mm512_maskz_loadu_ps(m, x1 + c));
-            _mm512_mask_storeu_ps(dst + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, self + c), _mm512_mul_ps(half, s)));
-          }
-#else
-          for (int64_t c = 0; c < C; ++c) dst[c] = self[c] + 0.5f * (x0[c] + x1[c]);
-#endif
-        } else if (n0 >= 0 || n1 >= 0) {
-          const float* x = a + static_cast<int64_t>(n0 >= 0 ? n0 : n1) * C;
-          for (int64_t c = 0; c < C; ++c) dst[c] = self[c] + 0.5f * x[c];
-        } else {
-          std::copy(self, self + C, dst);
-        }
-      }
-    });
+    at::parallel_for(0, V, grain, [&](int64_t lo, int64_t hi) { blur_axis(a, tmp, np, C, d1, ax, lo, hi); });
     std::swap(a, tmp);
   }
   return a;
+}
+
+// blur(), where there are at least as many images as threads, with each image's vertices blurred along every axis
+// by one task (neighbours never leave an image): one parallel region instead of one per axis, and no thread waits
+// for the others between axes (dense CRF batch of two: 10-15% faster). The same floats either way.
+float* blur(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C, int d1, bool transpose,
+            const int32_t* vp, int64_t n, int64_t batch) {
+  if (batch < at::get_num_threads()) return blur(a, tmp, np, V, C, d1, transpose);
+  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      int64_t vmin, vmax;
+      if (!image_vertices(vp, n, d1, batch, V, b, vmin, vmax)) continue;
+      float* x = a;
+      float* y = tmp;
+      for (int step = 0; step < d1; ++step) {
+        blur_axis(x, y, np, C, d1, transpose ? d1 - 1 - step : step, vmin, vmax + 1);
+        std::swap(x, y);
+      }
+    }
+  });
+  return d1 % 2 == 0 ? a : tmp;
 }
 
 // Slice: out (P, C) = alpha S' lat with the splat's barycentric weights; deg (P) = alpha S' lat_deg when given.
@@ -755,7 +779,7 @@ torch::Tensor filter(torch::Tensor values, torch::Tensor vtx, torch::Tensor bary
   std::optional<PhaseTimer> timer(kSplat);
   splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, a, nullptr, channel_major);
   timer.emplace(kBlur);
-  const float* lat = blur(a, a + V * S, nbr.data_ptr<int32_t>(), V, S, d1, transpose);
+  const float* lat = blur(a, a + V * S, nbr.data_ptr<int32_t>(), V, S, d1, transpose, vp, P / batch, batch);
   timer.emplace(kSlice);
   torch::Tensor out = out_buffer.has_value() ? *out_buffer : torch::empty_like(values);
   TORCH_CHECK(out.sizes() == values.sizes() && out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
@@ -784,7 +808,8 @@ torch::Tensor splat_blur(const torch::Tensor& values, const torch::Tensor& pre, 
                 "splat_blur: buffers must be contiguous float32 (V, ", S, ")");
   splat(values.data_ptr<float>(), P, C, vtx.data_ptr<int32_t>(), bary.data_ptr<float>(), d1, V, batch,
         a.data_ptr<float>(), nullptr, false, pre.data_ptr<float>());
-  const float* out = blur(a.data_ptr<float>(), tmp.data_ptr<float>(), nbr.data_ptr<int32_t>(), V, S, d1, false);
+  const float* out = blur(a.data_ptr<float>(), tmp.data_ptr<float>(), nbr.data_ptr<int32_t>(), V, S, d1, false,
+                          vtx.data_ptr<int32_t>(), P / batch, batch);
   return out == a.data_ptr<float>() ? a : tmp;
 }
 
@@ -815,9 +840,10 @@ std::vector<torch::Tensor> filter_sym(const torch::Tensor& values_in, const torc
   splat(values.data_ptr<float>(), P, C, vp, bp, d1, V, batch, fwd, ones, channel_major);
   timer.emplace(kBlur);
   std::copy(fwd, fwd + V * S, rev);
-  float* a = blur(fwd, bufs[1].data_ptr<float>(), np, V, S, d1, false);
-  const float* t = blur(rev, bufs[3].data_ptr<float>(), np, V, S, d1, true);
-  const float* deg_lat = with_norm ? blur(ones, nbufs[1].data_ptr<float>(), np, V, 1, d1, false) : nullptr;
+  float* a = blur(fwd, bufs[1].data_ptr<float>(), np, V, S, d1, false, vp, P / batch, batch);
+  const float* t = blur(rev, bufs[3].data_ptr<float>(), np, V, S, d1, true, vp, P / batch, batch);
+  const float* deg_lat = with_norm ? blur(ones, nbufs[1].data_ptr<float>(), np, V, 1, d1, false, vp, P / batch, batch)
+                                   : nullptr;
   at::parallel_for(0, V, row_grain(V, S), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo * S; i < hi * S; ++i) a[i] += t[i];
   });
