@@ -149,7 +149,7 @@ def test_bench_losses_quick_with_self_baseline(tmp_path):
     (rows,) = tables(text)
     measured = [r for r in rows if "not measured" not in r["what"]]
     ours = [r for r in measured if not r["what"].startswith("pydensecrf2")]
-    assert len(ours) == 8, rows  # NC, NC at scale 0.5, its loss alone, build, filter, CRF, CRF build, CRF filter
+    assert len(ours) == 9, rows  # NC, at scale 0.5, its loss alone, build, filter, CRF, batch 2, CRF build, filter
     check_table(ours, ["ms", "baseline ms", "speed-up", "CPU ms", "baseline CPU ms", "CPU speed-up"])
     assert "Baseline: " in text
     if importlib.util.find_spec("pydensecrf") is None:
@@ -157,7 +157,8 @@ def test_bench_losses_quick_with_self_baseline(tmp_path):
     else:
         (ref,) = [r for r in measured if r["what"].startswith("pydensecrf2")]
         check_table([ref], ["ms"])
-        assert "Dense CRF vs pydensecrf2 in the same run:" in text
+        assert "Dense CRF, one image, vs pydensecrf2 in the same run:" in text
+        assert "Dense CRF batch 2 vs pydensecrf2 in the same run:" in text and "(goal >= 2.5x)" in text
 
 
 def test_bench_memory_quick_with_self_baseline(tmp_path):
