@@ -119,8 +119,9 @@ def test_any_channel_count(astro, channels, device):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_each_channel_filtered_alone_bitwise(threads):
     """The CPU kernels' vertex rows are padded to 8-float blocks and loaded whole (1..8, 9..16, 17..24, 25..32
-    channels) or in masked vectors (one channel, more than 32); 3 threads on a batch of 3 split no channels, on a
-    batch of 1 they do. Every way gives each channel the very floats it gets alone. The roi leaves out the first
+    channels) or in masked vectors (one channel, more than 32); 3 threads on a batch of 3 splat one image per task,
+    on a batch of 1 three tasks share the image's vertices. Every way gives each channel the very floats it gets
+    alone. The roi leaves out the first
     rows of image 0 (its first vertex is not pixel 0's) and all of image 1 (it owns no vertex)."""
     imgs = torch.cat([photo_tensor(n, crop=40) for n in PHOTOS[:3]])
     roi = torch.ones(3, 40, 40, dtype=torch.bool)
@@ -220,7 +221,7 @@ def test_deterministic_across_threads(astro):
 
 def test_symmetric_filter_deterministic_across_threads(astro):
     """The fused (L + L') v and its degree do not depend on the thread count (1 thread: one splat task per image;
-    3 threads: channel chunks), with a batch of two images."""
+    3 threads: each image's vertices split between tasks), with a batch of two images."""
     f = rgbxy_features(torch.cat([astro, astro.flip(-1)]), 15.0, 30.0)
     v = torch.rand(f.shape[0], 21, *f.shape[2:], generator=torch.Generator().manual_seed(1))
     old = torch.get_num_threads()

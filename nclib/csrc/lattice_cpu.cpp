@@ -544,11 +544,11 @@ bool image_vertices(const int32_t* vp, int64_t n, int d1, int64_t batch, int64_t
   return true;
 }
 
-// Splat: lat (V, C) (rows padded to padded_row(C) floats, the padding 0) = S values, scattered in pixel order, so each sum has the same order whatever the thread count
-// (deterministic). Tasks are (image, channel chunk) pairs: images own disjoint vertex ranges, and chunks split the
-// channels only when there are fewer images than threads. Each task accumulates into a private buffer (no false
-// sharing) and copies back the vertex rows of its image, the [min, max] of the ids it touched; every row of lat
-// is written. ones (V) zeroed, or null: also S 1 (the degree's splat, by the first chunk of each image: one pass).
+// Splat: lat (V, C) (rows padded to padded_row(C) floats, the padding 0) = S values, scattered in pixel order, so
+// each vertex's sum has the same order whatever the thread count (deterministic). Tasks are (image, vertex range)
+// pairs: images own disjoint vertex ranges, and where there are fewer images than threads each image's range is
+// split, every task scanning all of the image's pixels but adding only to its own vertices (rows of lat it alone
+// writes; every row is written). ones (V) zeroed, or null: also S 1 (the degree's splat, in the same pass).
 // channel_major: `in` is (batch, C, P / batch) (NCHW) instead of (P, C); each pixel's channels are gathered
 // into a short row first, so the sums are the same floats in the same order as from pixel-major input.
 // pre (P), or null: splat pre[p] * in[p] (the dense CRF's normalized kernels).
@@ -556,53 +556,35 @@ void splat(const float* in, int64_t P, int64_t C, const int32_t* vp, const float
            int64_t batch, float* lat, float* ones, bool channel_major, const float* pre = nullptr) {
   const int64_t n = P / batch;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (threads + batch - 1) / batch));
-  const int64_t width = (C + chunks - 1) / chunks;
-  const int64_t per_image = (C + width - 1) / width;
+  const int64_t parts = std::max<int64_t>(1, (threads + batch - 1) / batch);  // vertex ranges per image
   const int64_t S = padded_row(C);
   const float one = 1.0f;
-  at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> acc, tile(channel_major ? static_cast<size_t>(kTile * C) : 0);
+  at::parallel_for(0, batch * parts, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> tile(channel_major ? static_cast<size_t>(kTile * C) : 0);
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t b = task / per_image;
-      const int64_t c0 = (task % per_image) * width, cw = std::min(width, C - c0);
-      float* deg = c0 == 0 ? ones : nullptr;  // images own disjoint vertex ranges: no other task writes them
+      const int64_t b = task / parts, j = task % parts;
       int64_t vmin, vmax;
       if (!image_vertices(vp, n, d1, batch, V, b, vmin, vmax)) continue;  // no pixel in the roi: no vertex
-      // A task that holds all channels sums straight into the image's own rows of lat; channel chunks sum into a
-      // private buffer of the image's rows (no false sharing between chunks of one row). Same order either way.
-      const bool direct = cw == C;
-      const int64_t stride = direct ? S : padded_row(cw);
-      float* dst = lat + vmin * S;
-      if (direct) {
-        std::fill(dst, dst + (vmax - vmin + 1) * S, 0.f);
-      } else {
-        acc.assign(static_cast<size_t>((vmax - vmin + 1) * stride), 0.f);
-        dst = acc.data();
-      }
+      const int64_t len = (vmax - vmin + parts) / parts;
+      const int64_t r0 = vmin + j * len, r1 = std::min(vmax + 1, r0 + len);
+      if (r0 >= r1) continue;
+      const uint64_t count = static_cast<uint64_t>(r1 - r0);
+      std::fill(lat + r0 * S, lat + r1 * S, 0.f);
       // channel-major input: the channels of kTile pixels at a time, read channel by channel (contiguous runs)
       auto load_tile = [&](int64_t p) {
         const int64_t t0 = p - b * n, tn = std::min(kTile, n - t0);
-        for (int64_t c = 0; c < cw; ++c) {
-          const float* from = in + (b * C + c0 + c) * n + t0;
-          for (int64_t i = 0; i < tn; ++i) tile[i * cw + c] = from[i];
+        for (int64_t c = 0; c < C; ++c) {
+          const float* from = in + (b * C + c) * n + t0;
+          for (int64_t i = 0; i < tn; ++i) tile[i * C + c] = from[i];
         }
       };
       for (int64_t p = b * n; p < (b + 1) * n; ++p) {
         const int32_t* ids = vp + p * d1;
         if (channel_major && (p - b * n) % kTile == 0) load_tile(p);
         if (ids[0] < 0) continue;  // outside the roi: all corners are -1
-        const float* src = in + p * C + c0;
-        if (channel_major) src = tile.data() + ((p - b * n) % kTile) * cw;
-        splat_pixel(src, cw, ids, bp + p * d1, d1, dst, stride, vmin, pre != nullptr ? pre[p] : 1.0f);
-        if (deg != nullptr) splat_pixel(&one, 1, ids, bp + p * d1, d1, deg, 1);
-      }
-      if (!direct) {
-        for (int64_t v = vmin; v <= vmax; ++v) {
-          const float* row = acc.data() + (v - vmin) * stride;
-          std::copy(row, row + cw, lat + v * S + c0);
-          if (c0 + cw == C) std::fill(lat + v * S + C, lat + (v + 1) * S, 0.f);  // the last chunk: the padding
-        }
+        const float* src = channel_major ? tile.data() + ((p - b * n) % kTile) * C : in + p * C;
+        splat_pixel(src, C, ids, bp + p * d1, d1, lat + r0 * S, S, r0, pre != nullptr ? pre[p] : 1.0f, count);
+        if (ones != nullptr) splat_pixel(&one, 1, ids, bp + p * d1, d1, ones + r0, 1, r0, 1.0f, count);
       }
     }
   });

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -23,7 +24,7 @@ inline int64_t padded_row(int64_t C) { return C == 1 ? 1 : (C + 7) / 8 * 8; }
 // unmasked: masked 16-wide loads cost ~20% of the splat here (8-wide ones did not).
 template <int F, bool T>
 inline void splat_rows(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
-                       int64_t stride, int64_t first, float scale) {
+                       int64_t stride, int64_t first, float scale, uint64_t count) {
 #if defined(__AVX512F__)
   __m512 x0 = _mm512_setzero_ps(), x1 = _mm512_setzero_ps();
   __m256 xt = _mm256_setzero_ps();
@@ -40,7 +41,9 @@ inline void splat_rows(const float* src, int64_t cw, const int32_t* ids, const f
     xt = _mm256_mul_ps(xt, _mm512_castps512_ps256(s));
   }
   for (int r = 0; r < d1; ++r) {
-    float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride;
+    const int64_t v = static_cast<int64_t>(ids[r]) - first;
+    if (static_cast<uint64_t>(v) >= count) continue;  // another task's vertex
+    float* dst = acc + v * stride;
     const __m512 wr = _mm512_set1_ps(w[r]);
     if (F >= 1) _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_mul_ps(wr, x0)));
     if (F >= 2) _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_loadu_ps(dst + 16), _mm512_mul_ps(wr, x1)));
@@ -51,24 +54,28 @@ inline void splat_rows(const float* src, int64_t cw, const int32_t* ids, const f
 #endif
 }
 
-// Splat one pixel: row v_r of `acc` (row stride `stride`: padded_row(cw), or 1 for one channel) += w_r * x for
-// its corners r (all -1 outside the roi), x = src[0..cw) or, with scale != 1, scale * src[0..cw) (the dense CRF's
-// pre-multiplied Q). Per element, the same float operations in the same order, whichever path runs.
+// Splat one pixel: row v_r - first of `acc` (row stride `stride`: padded_row(cw), or 1 for one channel) += w_r * x
+// for its corners r whose vertex v_r is in [first, first + count) (all -1 outside the roi), x = src[0..cw) or, with
+// scale != 1, scale * src[0..cw) (the dense CRF's pre-multiplied Q). Per element, the same float operations in the
+// same order, whichever path runs.
 inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
-                        int64_t stride, int64_t first = 0, float scale = 1.0f) {
+                        int64_t stride, int64_t first = 0, float scale = 1.0f, uint64_t count = std::numeric_limits<uint64_t>::max()) {
   if (ids[0] < 0) return;  // row v of `acc` holds vertex first + v
   if (cw == 1) {  // the degree's one channel: scalar (a masked vector store would not forward to the next load)
     const float x = scale != 1.0f ? scale * src[0] : src[0];
-    for (int r = 0; r < d1; ++r) acc[(static_cast<int64_t>(ids[r]) - first) * stride] += w[r] * x;
+    for (int r = 0; r < d1; ++r) {
+      const int64_t v = static_cast<int64_t>(ids[r]) - first;
+      if (static_cast<uint64_t>(v) < count) acc[v * stride] += w[r] * x;
+    }
     return;
   }
 #if defined(__AVX512F__)
   if (stride % 8 == 0 && cw <= 32) {
     switch ((cw + 7) / 8) {  // 8-float blocks of the padded row
-      case 1: splat_rows<0, true>(src, cw, ids, w, d1, acc, stride, first, scale); return;
-      case 2: splat_rows<1, false>(src, cw, ids, w, d1, acc, stride, first, scale); return;
-      case 3: splat_rows<1, true>(src, cw, ids, w, d1, acc, stride, first, scale); return;
-      default: splat_rows<2, false>(src, cw, ids, w, d1, acc, stride, first, scale); return;
+      case 1: splat_rows<0, true>(src, cw, ids, w, d1, acc, stride, first, scale, count); return;
+      case 2: splat_rows<1, false>(src, cw, ids, w, d1, acc, stride, first, scale, count); return;
+      case 3: splat_rows<1, true>(src, cw, ids, w, d1, acc, stride, first, scale, count); return;
+      default: splat_rows<2, false>(src, cw, ids, w, d1, acc, stride, first, scale, count); return;
     }
   }
   for (int64_t c = 0; c < cw; c += 16) {  // more channels: masked vectors
@@ -76,13 +83,17 @@ inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const 
     __m512 x = _mm512_maskz_loadu_ps(m, src + c);
     if (scale != 1.0f) x = _mm512_mul_ps(x, _mm512_set1_ps(scale));
     for (int r = 0; r < d1; ++r) {
-      float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride + c;
+      const int64_t v = static_cast<int64_t>(ids[r]) - first;
+      if (static_cast<uint64_t>(v) >= count) continue;
+      float* dst = acc + v * stride + c;
       _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), _mm512_mul_ps(_mm512_set1_ps(w[r]), x)));
     }
   }
 #else
   for (int r = 0; r < d1; ++r) {
-    float* dst = acc + (static_cast<int64_t>(ids[r]) - first) * stride;
+    const int64_t v = static_cast<int64_t>(ids[r]) - first;
+    if (static_cast<uint64_t>(v) >= count) continue;
+    float* dst = acc + v * stride;
     for (int64_t c = 0; c < cw; ++c) dst[c] += w[r] * (scale != 1.0f ? scale * src[c] : src[c]);
   }
 #endif
