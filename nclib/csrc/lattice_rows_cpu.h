@@ -99,6 +99,34 @@ inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const 
 #endif
 }
 
+// slice_pixel() for C <= 32 channels in rows of padded_row(C) floats: F full 16-wide vectors and, with T, an 8-wide
+// one, summed over the corners in one pass (each corner's weight and row address read once).
+template <int F, bool T>
+inline void slice_rows(float* dst, int64_t C, const int32_t* ids, const float* w, int d1, float alpha,
+                       const float* lat, int64_t S) {
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m256 at = _mm256_setzero_ps();
+  for (int r = 0; r < d1; ++r) {
+    if (ids[r] < 0) continue;
+    const float* row = lat + static_cast<int64_t>(ids[r]) * S;
+    const __m512 wr = _mm512_set1_ps(alpha * w[r]);
+    if (F >= 1) a0 = _mm512_add_ps(a0, _mm512_mul_ps(wr, _mm512_loadu_ps(row)));
+    if (F >= 2) a1 = _mm512_add_ps(a1, _mm512_mul_ps(wr, _mm512_loadu_ps(row + 16)));
+    if (T) at = _mm256_add_ps(at, _mm256_mul_ps(_mm512_castps512_ps256(wr), _mm256_loadu_ps(row + 16 * F)));
+  }
+  const auto store16 = [&](float* p, __m512 v, int64_t left) {
+    if (left >= 16)
+      _mm512_storeu_ps(p, v);
+    else
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << left) - 1), v);
+  };
+  if (F >= 1) store16(dst, a0, C);
+  if (F >= 2) store16(dst + 16, a1, C - 16);
+  if (T) _mm256_mask_storeu_ps(dst + 16 * F, static_cast<__mmask8>((1u << (C - 16 * F)) - 1), at);
+#endif
+}
+
 // Slice one pixel: dst[0..C) = sum over corners r (in order, from 0) of (alpha * w_r) * row v_r of `lat` (row
 // stride S = padded_row(C)).
 inline void slice_pixel(float* dst, int64_t C, const int32_t* ids, const float* w, int d1, float alpha,
@@ -111,32 +139,25 @@ inline void slice_pixel(float* dst, int64_t C, const int32_t* ids, const float* 
     return;
   }
 #if defined(__AVX512F__)
-  if (S % 8 == 0) {
-    int64_t c = 0;
-    for (; c + 8 < C; c += 16) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int r = 0; r < d1; ++r) {
-        if (ids[r] < 0) continue;
-        const __m512 x = _mm512_loadu_ps(lat + static_cast<int64_t>(ids[r]) * S + c);
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(alpha * w[r]), x));
-      }
-      if (C - c >= 16)
-        _mm512_storeu_ps(dst + c, acc);
-      else
-        _mm512_mask_storeu_ps(dst + c, static_cast<__mmask16>((1u << (C - c)) - 1), acc);
+  if (S % 8 == 0 && C <= 32) {
+    switch ((C + 7) / 8) {  // 8-float blocks of the padded row
+      case 1: slice_rows<0, true>(dst, C, ids, w, d1, alpha, lat, S); return;
+      case 2: slice_rows<1, false>(dst, C, ids, w, d1, alpha, lat, S); return;
+      case 3: slice_rows<1, true>(dst, C, ids, w, d1, alpha, lat, S); return;
+      default: slice_rows<2, false>(dst, C, ids, w, d1, alpha, lat, S); return;
     }
-    if (c < C) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int r = 0; r < d1; ++r) {
-        if (ids[r] < 0) continue;
-        const __m256 x = _mm256_loadu_ps(lat + static_cast<int64_t>(ids[r]) * S + c);
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(alpha * w[r]), x));
-      }
-      _mm256_mask_storeu_ps(dst + c, static_cast<__mmask8>((1u << (C - c)) - 1), acc);
-    }
-    return;
   }
-#endif
+  for (int64_t c = 0; c < C; c += 16) {  // more channels: masked vectors
+    const __mmask16 m = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int r = 0; r < d1; ++r) {
+      if (ids[r] < 0) continue;
+      const __m512 x = _mm512_maskz_loadu_ps(m, lat + static_cast<int64_t>(ids[r]) * S + c);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(alpha * w[r]), x));
+    }
+    _mm512_mask_storeu_ps(dst + c, m, acc);
+  }
+#else
   std::fill(dst, dst + C, 0.f);
   for (int r = 0; r < d1; ++r) {
     if (ids[r] < 0) continue;
@@ -144,6 +165,7 @@ inline void slice_pixel(float* dst, int64_t C, const int32_t* ids, const float* 
     const float* src = lat + static_cast<int64_t>(ids[r]) * S;
     for (int64_t c = 0; c < C; ++c) dst[c] += wr * src[c];
   }
+#endif
 }
 
 }  // namespace nclib
