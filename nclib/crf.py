@@ -2,7 +2,10 @@
 
 Energy: unary ``-log P`` plus two Potts terms with Gaussian kernels, an appearance kernel over RGBXY
 (``bi_w``, ``bi_xy_std``, ``bi_rgb_std``) and a smoothness kernel over XY (``pos_w``, ``pos_xy_std``). Each
-mean-field iteration filters Q with both kernels: two permutohedral lattices are built once per call and reused.
+mean-field iteration filters Q with both kernels: the appearance lattice is built once per call and reused, the
+smoothness kernel is an exact grid Gaussian (a second lattice with ``normalization="none"``, see below). On the
+CPU an iteration of the default kernels is two passes of the compiled build: splat and blur on the lattice, then
+the grid blur with the lattice's slice and the update fused row by row.
 
 Defaults are DeepLab's published post-processing parameters for DeepLab-LargeFOV (VGG-16), which the paper's
 Tables 1-3 "+CRF" rows use: ``bi_w=4, bi_xy_std=121, bi_rgb_std=5, pos_w=3, pos_xy_std=3``, 10 iterations
