@@ -146,6 +146,7 @@ def test_bench_losses_quick_with_self_baseline(tmp_path):
                "--out", str(out))
     text = out.read_text()
     assert "with NCLIB_KEEP_CPU_MEMORY=0." in text
+    assert ("OMP_WAIT_POLICY=passive" in text) == ("OMP_WAIT_POLICY" not in os.environ)  # alternating children
     (rows,) = tables(text)
     measured = [r for r in rows if "not measured" not in r["what"]]
     ours = [r for r in measured if not r["what"].startswith("pydensecrf2")]
