@@ -132,13 +132,6 @@ inline void vpass(float* const* dst, int rows_out, const float* const* in, int64
 #endif
 }
 
-// Bands of output rows per image: enough for every thread even at batch 1, few enough that the 2R rows a band
-// recomputes above and below it stay a small share.
-int64_t bands_per_image(int64_t batch, int64_t H, int R) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, std::min<int64_t>(H / std::max(4 * R, 1), (threads + batch - 1) / batch));
-}
-
 // The blur of values (B*H*W, K) (taps g_0..g_R), or of pre * values with pre (B*H*W) given, handing each group of
 // up to kRows output rows to sink(b, y, rows_out, rows): rows[j] (W*K floats, scratch) is output row y + j of
 // image b. Parallel over bands.
@@ -146,7 +139,11 @@ template <typename Sink>
 void blur_rows(const float* in, int64_t batch, int64_t H, int64_t W, int64_t K, const float* g, int R, Sink sink,
                const float* pre = nullptr) {
   const int64_t n = W * K;  // floats per row
-  const int64_t per_image = bands_per_image(batch, H, R);
+  // Bands of output rows: enough for every thread even at batch 1, few enough that the 2R rows a band
+  // recomputes above and below it stay a small share.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_image = std::max<int64_t>(1, std::min<int64_t>(H / std::max(4 * R, 1),
+                                                                      (threads + batch - 1) / batch));
   const int64_t band = (H + per_image - 1) / per_image;
   const int ni = 2 * R + kRows;  // input rows of one group of kRows output rows
   at::parallel_for(0, batch * per_image, 1, [&](int64_t lo, int64_t hi) {

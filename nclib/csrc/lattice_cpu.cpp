@@ -599,9 +599,7 @@ int64_t row_grain(int64_t V, int64_t C) {
   return V * cost <= (int64_t(1) << 17) ? std::max<int64_t>(V, 1) : std::max<int64_t>(1, 16384 / cost);
 }
 
-// Blur lat (V, C) (C: the row length, padded_row of the channels) with [1/2, 1, 1/2] along each axis (transpose: in reverse axis order, the exact adjoint);
-// absent neighbours hold 0. Ping-pongs between lat and tmp; returns the buffer holding the result.
-// One axis of the blur for vertices [lo, hi): tmp = a + (a at the two neighbours along ax) / 2.
+// One axis of the blur for vertices [lo, hi): tmp = a + (a at the two neighbours along ax) / 2, rows of C floats.
 void blur_axis(const float* a, float* tmp, const int32_t* np, int64_t C, int d1, int ax, int64_t lo, int64_t hi) {
   for (int64_t v = lo; v < hi; ++v) {
     const int32_t n0 = np[(v * d1 + ax) * 2];
@@ -648,6 +646,9 @@ void blur_axis(const float* a, float* tmp, const int32_t* np, int64_t C, int d1,
   }
 }
 
+// Blur lat (V, C) (C: the row length, padded_row of the channels) with [1/2, 1, 1/2] along each axis (transpose:
+// in reverse axis order, the exact adjoint); absent neighbours hold 0. Ping-pongs between lat and tmp; returns the
+// buffer holding the result.
 float* blur(float* a, float* tmp, const int32_t* np, int64_t V, int64_t C, int d1, bool transpose) {
   const int64_t grain = row_grain(V, C);
   for (int step = 0; step < d1; ++step) {

@@ -59,7 +59,8 @@ inline void splat_rows(const float* src, int64_t cw, const int32_t* ids, const f
 // scale != 1, scale * src[0..cw) (the dense CRF's pre-multiplied Q). Per element, the same float operations in the
 // same order, whichever path runs.
 inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const float* w, int d1, float* acc,
-                        int64_t stride, int64_t first = 0, float scale = 1.0f, uint64_t count = std::numeric_limits<uint64_t>::max()) {
+                        int64_t stride, int64_t first = 0, float scale = 1.0f,
+                        uint64_t count = std::numeric_limits<uint64_t>::max()) {
   if (ids[0] < 0) return;  // row v of `acc` holds vertex first + v
   if (cw == 1) {  // the degree's one channel: scalar (a masked vector store would not forward to the next load)
     const float x = scale != 1.0f ? scale * src[0] : src[0];
@@ -86,7 +87,8 @@ inline void splat_pixel(const float* src, int64_t cw, const int32_t* ids, const 
       const int64_t v = static_cast<int64_t>(ids[r]) - first;
       if (static_cast<uint64_t>(v) >= count) continue;
       float* dst = acc + v * stride + c;
-      _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), _mm512_mul_ps(_mm512_set1_ps(w[r]), x)));
+      const __m512 y = _mm512_maskz_loadu_ps(m, dst);
+      _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(y, _mm512_mul_ps(_mm512_set1_ps(w[r]), x)));
     }
   }
 #else
